@@ -1,0 +1,1 @@
+"""The four fedhub services: api, orchestrator, aggregator, notifier. None imports another."""

@@ -1,0 +1,57 @@
+"""The blob store port and the key scheme."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from uuid import UUID
+
+from shared.errors import NotFound
+
+_KEY = re.compile(r"^[a-z0-9]+/[A-Za-z0-9._-]+$")
+
+
+def content_key(data: bytes | memoryview) -> tuple[str, str]:
+    """Content address of `data`: returns (key, sha256 hex digest)."""
+    digest = hashlib.sha256(data).hexdigest()
+    return f"sha256/{digest}", digest
+
+
+def update_key(update_id: UUID) -> str:
+    """Key of one client update: per update, so deleting it never touches another's bytes."""
+    return f"update/{update_id}"
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the store's namespace."""
+    if not _KEY.match(key):
+        raise ValueError(f"invalid blob key {key!r}")
+    return key
+
+
+class BlobNotFound(NotFound):
+    """A blob key has no bytes behind it."""
+
+
+class BlobStore(ABC):
+    """Stores immutable byte blobs under keys."""
+
+    @abstractmethod
+    async def put(self, key: str, data: bytes | memoryview) -> bool:
+        """Store `data` under `key` atomically; return False when the key already existed."""
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes:
+        """Return the bytes under `key`; raise `BlobNotFound` when there are none."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove `key`; a missing key is not an error."""
+
+    @abstractmethod
+    async def exists(self, key: str) -> bool:
+        """Whether `key` has bytes."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
+        """Release resources."""

@@ -1,0 +1,98 @@
+"""The unit of work: one session, one transaction; state, outbox and inbox commit together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+from uuid import UUID
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from shared.bus.base import envelope_for
+from shared.db.models import InboxMessage, OutboxMessage
+from shared.events import Message
+
+
+class UnitOfWork:
+    """`async with uow:` opens a transaction that commits on success and rolls back on error.
+
+    Only this boundary commits; code inside calls `flush()` at most. Messages added with `emit`
+    are written to the outbox in the same transaction and published by the relay after commit.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], on_commit: Callable[[], None] | None) -> None:
+        self._sessions = sessions
+        self._on_commit = on_commit
+        self._session: AsyncSession | None = None
+        self._emitted = 0
+
+    @property
+    def session(self) -> AsyncSession:
+        """The open session; only valid inside `async with`."""
+        if self._session is None:
+            raise RuntimeError("UnitOfWork used outside 'async with'")
+        return self._session
+
+    async def __aenter__(self) -> Self:
+        self._session = self._sessions()
+        self._emitted = 0
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        session = self.session
+        try:
+            if exc_type is None:
+                await session.commit()
+            else:
+                await session.rollback()
+        finally:
+            await session.close()
+            self._session = None
+        if exc_type is None and self._emitted and self._on_commit is not None:
+            self._on_commit()
+
+    def emit(self, message: Message, *, correlation_id: UUID | None = None, message_id: UUID | None = None) -> UUID:
+        """Write `message` to the outbox in this transaction; return its message id."""
+        env = envelope_for(message, correlation_id=correlation_id, message_id=message_id)
+        self.session.add(
+            OutboxMessage(
+                message_id=env.message_id,
+                type=env.type,
+                routing_key=env.routing_key,
+                body=env.body,
+                correlation_id=env.correlation_id,
+            )
+        )
+        self._emitted += 1
+        return env.message_id
+
+    async def claim_inbox(self, consumer: str, message_id: UUID) -> bool:
+        """Record `message_id` as applied by `consumer`; False when it already was (a redelivery).
+
+        A concurrent duplicate that slips past the check fails the commit on the primary key, so
+        its transaction rolls back and the retry then sees the first one's row.
+        """
+        seen = await self.session.scalar(
+            select(InboxMessage.message_id).where(
+                InboxMessage.consumer == consumer, InboxMessage.message_id == message_id
+            )
+        )
+        if seen is not None:
+            return False
+        self.session.add(InboxMessage(consumer=consumer, message_id=message_id))
+        return True
+
+
+class UnitOfWorkFactory:
+    """Makes units of work over one session factory; `on_commit` wakes the outbox relay."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], on_commit: Callable[[], None] | None = None):
+        self.sessions = sessions
+        self.on_commit = on_commit
+
+    def __call__(self) -> UnitOfWork:
+        return UnitOfWork(self.sessions, self.on_commit)

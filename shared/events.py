@@ -1,0 +1,159 @@
+"""Every message that crosses the bus: one frozen dataclass per event or command.
+
+Events are past tense and may have many consumers; commands are imperative and have exactly one.
+Evolve a message only by adding fields with defaults; a breaking change is a new class and routing key.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+from uuid import UUID
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+class NotificationType(enum.StrEnum):
+    """The notifications clients and actors receive; the seed's vocabulary."""
+
+    TRAINING_START = "TRAINING_START"
+    UPDATE_ROUND_START = "UPDATE_ROUND_START"
+    MODEL_TEST_ROUND = "MODEL_TEST_ROUND"
+    TRAINING_FINISHED = "TRAINING_FINISHED"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """Base of every event and command; `routing_key` names it on the bus."""
+
+    routing_key: ClassVar[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event(Message):
+    """Something that happened; any number of consumers."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Command(Message):
+    """Something to do; exactly one consuming service."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateRef:
+    """A client's accepted model update as an aggregation job sees it (claim-check: the blob key only)."""
+
+    update_id: UUID
+    client_id: UUID
+    blob_key: str
+    num_examples: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartTraining(Command):
+    """An actor asked to start a training (INITIAL -> ONGOING); consumed by the orchestrator."""
+
+    routing_key: ClassVar[str] = "training.start"
+    training_id: UUID
+    requested_by: UUID
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateReceived(Event):
+    """A client's model update for a round was validated, stored and recorded."""
+
+    routing_key: ClassVar[str] = "update.received"
+    training_id: UUID
+    round: int
+    client_id: UUID
+    update_id: UUID
+    num_examples: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TestMetricsReceived(Event):
+    """A client reported its evaluation of a round's global model."""
+
+    routing_key: ClassVar[str] = "test_metrics.received"
+    training_id: UUID
+    round: int
+    client_id: UUID
+    num_examples: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregateRound(Command):
+    """Aggregate a round's updates into a new global model; consumed by the aggregator (a work queue)."""
+
+    routing_key: ClassVar[str] = "job.aggregate_round"
+    job_id: UUID
+    training_id: UUID
+    round: int
+    method: str
+    base_model_id: UUID
+    base_blob_key: str
+    updates: tuple[UpdateRef, ...]
+    delete_updates_after: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelAggregated(Event):
+    """A round's new global model is stored; `model_id` names its row, `blob_key` its bytes."""
+
+    routing_key: ClassVar[str] = "model.aggregated"
+    job_id: UUID
+    training_id: UUID
+    round: int
+    model_id: UUID
+    blob_key: str
+    num_updates: int
+    num_examples: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregationFailed(Event):
+    """An aggregation job could not produce a model; `reason` says why."""
+
+    routing_key: ClassVar[str] = "aggregation.failed"
+    job_id: UUID
+    training_id: UUID
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotificationIssued(Event):
+    """A notification to push to `receivers` (principal ids) over server-sent events and webhooks.
+
+    `event_id`, `notification_type`, `training_id`, `body` and `issued_at` are exactly what clients
+    receive: the seed's payload `{"notification_type", "training_uuid", "body"}` plus id and timestamp.
+    """
+
+    routing_key: ClassVar[str] = "notification.issued"
+    event_id: UUID
+    notification_type: NotificationType
+    training_id: UUID
+    receivers: tuple[UUID, ...]
+    body: dict[str, Any] = field(default_factory=dict)
+    issued_at: datetime = field(default_factory=utcnow)
+
+
+def _concrete_messages() -> dict[str, type[Message]]:
+    found: dict[str, type[Message]] = {}
+    stack: list[type[Message]] = [Message]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            stack.append(sub)
+            # dataclass(slots=True) replaces each class; the pre-slots original lingers as a subclass.
+            if "__slots__" in sub.__dict__ and sub not in (Event, Command):
+                found[sub.__name__] = sub
+    return found
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = _concrete_messages()
+"""Every concrete message class by its wire name, derived from the class tree (never listed twice)."""

@@ -1,0 +1,55 @@
+"""Consumers: decode an envelope, apply its handler in one unit of work with the inbox, then ack.
+
+Queue bindings are derived from a service's handler registry, never listed twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import structlog
+
+from shared.bus.base import Bus, Envelope
+from shared.codec import decode_message
+from shared.db.uow import UnitOfWork, UnitOfWorkFactory
+from shared.errors import MalformedPayload
+from shared.events import MESSAGE_TYPES, Message
+
+Handler = Callable[[Any, UnitOfWork], Awaitable[None]]
+"""`async def on_x(message: X, uow: UnitOfWork) -> None`: writes state and outbox rows, never commits."""
+
+log = structlog.get_logger(component="consumer")
+
+
+class Consumer:
+    """One service's consumer: a named durable queue bound to the routing keys of its handlers."""
+
+    def __init__(self, name: str, handlers: Mapping[type[Message], Handler], uow: UnitOfWorkFactory) -> None:
+        self.name = name
+        self._handlers = dict(handlers)
+        self._uow = uow
+
+    @property
+    def routing_keys(self) -> list[str]:
+        """The routing keys this consumer's queue binds to."""
+        return sorted({cls.routing_key for cls in self._handlers})
+
+    async def subscribe(self, bus: Bus, *, prefetch: int = 1) -> None:
+        """Start consuming this service's queue."""
+        await bus.subscribe(self.name, self.routing_keys, self.handle, prefetch=prefetch)
+
+    async def handle(self, envelope: Envelope) -> None:
+        """Apply one delivery exactly once: a redelivered message id is acknowledged without effect."""
+        cls = MESSAGE_TYPES.get(envelope.type)
+        if cls is None or cls not in self._handlers:
+            raise MalformedPayload(f"{self.name} has no handler for message type {envelope.type!r}")
+        message = decode_message(cls, envelope.body)
+        with structlog.contextvars.bound_contextvars(
+            consumer=self.name, message_id=str(envelope.message_id), message_type=envelope.type
+        ):
+            async with self._uow() as uow:
+                if not await uow.claim_inbox(self.name, envelope.message_id):
+                    log.info("message.duplicate_dropped")
+                    return
+                await self._handlers[cls](message, uow)

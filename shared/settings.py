@@ -1,0 +1,28 @@
+"""Settings pieces every service reuses; each service builds its own `BaseSettings` once, in `main()`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """Where state, events and blobs live; read from `FEDHUB_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDHUB_", extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///.fedhub/fedhub.db",
+        description="SQLAlchemy async URL: sqlite+aiosqlite:///path or postgresql+asyncpg://...",
+    )
+    amqp_url: str | None = Field(
+        default=None, description="RabbitMQ URL; unset means the in-memory bus (embedded mode only)"
+    )
+    blob_backend: Literal["local"] = "local"
+    blob_path: Path = Field(default=Path(".fedhub/blobs"), description="folder of the local blob store")
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "INFO"
+    outbox_poll_s: float = Field(default=0.5, gt=0, description="outbox relay poll interval")
