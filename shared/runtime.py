@@ -1,0 +1,62 @@
+"""The resources a process opens once and its services share: engine, units of work, blobs, bus, relay.
+
+Embedded mode opens one `Runtime` for all four services; in distributed mode each process opens its
+own. Services receive it and never own its lifecycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.blobs import BlobStore, LocalBlobStore
+from shared.bus import Bus, InMemoryBus
+from shared.db import UnitOfWorkFactory, create_engine, create_schema, session_factory
+from shared.db.relay import OutboxRelay
+from shared.settings import CommonSettings
+
+
+@dataclass
+class Runtime:
+    """Open resources of one process."""
+
+    settings: CommonSettings
+    engine: AsyncEngine
+    uow: UnitOfWorkFactory
+    blobs: BlobStore
+    bus: Bus
+    relay: OutboxRelay
+
+    @classmethod
+    async def open(
+        cls, settings: CommonSettings, *, bus: Bus | None = None, create_tables: bool = False
+    ) -> Runtime:
+        """Connect everything `settings` names; `create_tables` builds the schema (embedded mode)."""
+        engine = create_engine(settings.database_url)
+        if create_tables:
+            await create_schema(engine)
+        sessions = session_factory(engine)
+        if bus is None:
+            if settings.amqp_url:
+                raise NotImplementedError("the RabbitMQ bus arrives with distributed mode")
+            bus = InMemoryBus()
+        await bus.start()
+        relay = OutboxRelay(sessions, bus, poll_s=settings.outbox_poll_s)
+        uow = UnitOfWorkFactory(sessions, on_commit=relay.wake)
+        relay.start()
+        return cls(
+            settings=settings,
+            engine=engine,
+            uow=uow,
+            blobs=LocalBlobStore(settings.blob_path),
+            bus=bus,
+            relay=relay,
+        )
+
+    async def close(self) -> None:
+        """Flush the outbox, stop consuming, release connections (reverse order of opening)."""
+        await self.relay.stop()
+        await self.bus.close()
+        await self.blobs.close()
+        await self.engine.dispose()
