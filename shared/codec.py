@@ -96,7 +96,8 @@ def decode_message(cls: type[Message], body: bytes) -> Message:
 
 def packb(obj: object) -> bytes:
     """Encode any plain value (maps, lists, UUIDs, datetimes, enums, dataclasses) as msgpack."""
-    return msgpack.packb(obj, default=_default, use_bin_type=True, datetime=True)
+    packed: bytes = msgpack.packb(obj, default=_default, use_bin_type=True, datetime=True)
+    return packed
 
 
 def unpackb(data: bytes | memoryview) -> Any:

@@ -7,7 +7,7 @@ that build torch tensors, i.e. in the aggregator and the client SDK.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 # An IEEE float is NaN or Inf exactly when all its exponent bits are set; checking that on an
 # integer view works for every float width, bfloat16 included, without numpy knowing the type.
-_EXPONENT_MASK: Mapping[str, tuple[type[np.unsignedinteger[object]], int]] = {  # type: ignore[type-var]
+_EXPONENT_MASK: Mapping[str, tuple[type[np.unsignedinteger[Any]], int]] = {
     "float64": (np.uint64, 0x7FF0_0000_0000_0000),
     "float32": (np.uint32, 0x7F80_0000),
     "float16": (np.uint16, 0x7C00),

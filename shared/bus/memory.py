@@ -81,9 +81,13 @@ class InMemoryBus(Bus):
                     log.error("message.dead_lettered", queue=name, type=envelope.type, reason=reason)
                     self.dead_letters.append(DeadLetter(envelope, name, reason))
                 else:
-                    log.warning("message.retry", queue=name, type=envelope.type, attempt=attempt, reason=reason)
+                    log.warning(
+                        "message.retry", queue=name, type=envelope.type, attempt=attempt, reason=reason
+                    )
                     delay = self.retry_base_s * 2 ** (attempt - 1)
-                    asyncio.get_running_loop().call_later(delay, q.messages.put_nowait, (envelope, attempt + 1))
+                    asyncio.get_running_loop().call_later(
+                        delay, q.messages.put_nowait, (envelope, attempt + 1)
+                    )
             finally:
                 self._in_flight -= 1
                 q.messages.task_done()

@@ -75,7 +75,7 @@ class OutboxRelay:
     async def _publish_batch(self) -> int:
         async with self._sessions() as session, session.begin():
             query = select(OutboxMessage).order_by(OutboxMessage.id).limit(self._batch)
-            if session.bind.dialect.name == "postgresql":
+            if session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             rows = (await session.scalars(query)).all()
             if not rows:

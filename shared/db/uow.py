@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
 from uuid import UUID
@@ -22,11 +22,14 @@ class UnitOfWork:
     are written to the outbox in the same transaction and published by the relay after commit.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], on_commit: Callable[[], None] | None) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], on_commit: Callable[[], None] | None
+    ) -> None:
         self._sessions = sessions
         self._on_commit = on_commit
         self._session: AsyncSession | None = None
         self._emitted = 0
+        self._after_commit: list[Callable[[], Awaitable[None] | None]] = []
 
     @property
     def session(self) -> AsyncSession:
@@ -38,6 +41,7 @@ class UnitOfWork:
     async def __aenter__(self) -> Self:
         self._session = self._sessions()
         self._emitted = 0
+        self._after_commit = []
         return self
 
     async def __aexit__(
@@ -52,10 +56,26 @@ class UnitOfWork:
         finally:
             await session.close()
             self._session = None
-        if exc_type is None and self._emitted and self._on_commit is not None:
-            self._on_commit()
+        if exc_type is None:
+            if self._emitted and self._on_commit is not None:
+                self._on_commit()
+            callbacks, self._after_commit = self._after_commit, []
+            for callback in callbacks:
+                result = callback()
+                if result is not None:
+                    await result
 
-    def emit(self, message: Message, *, correlation_id: UUID | None = None, message_id: UUID | None = None) -> UUID:
+    def after_commit(self, callback: Callable[[], Awaitable[None] | None]) -> None:
+        """Run `callback` once this transaction has committed (never after a rollback).
+
+        For effects outside the database that must not happen unless the state did: deleting
+        blobs, waking in-process listeners. They are best effort: a crash right after commit skips them.
+        """
+        self._after_commit.append(callback)
+
+    def emit(
+        self, message: Message, *, correlation_id: UUID | None = None, message_id: UUID | None = None
+    ) -> UUID:
         """Write `message` to the outbox in this transaction; return its message id."""
         env = envelope_for(message, correlation_id=correlation_id, message_id=message_id)
         self.session.add(
@@ -90,7 +110,9 @@ class UnitOfWork:
 class UnitOfWorkFactory:
     """Makes units of work over one session factory; `on_commit` wakes the outbox relay."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], on_commit: Callable[[], None] | None = None):
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], on_commit: Callable[[], None] | None = None
+    ):
         self.sessions = sessions
         self.on_commit = on_commit
 
