@@ -40,7 +40,12 @@ class Consumer:
         await bus.subscribe(self.name, self.routing_keys, self.handle, prefetch=prefetch)
 
     async def handle(self, envelope: Envelope) -> None:
-        """Apply one delivery exactly once: a redelivered message id is acknowledged without effect."""
+        """Apply one delivery exactly once: a redelivered message id is acknowledged without effect.
+
+        The inbox is claimed after the handler ran, in the same transaction: a duplicate rolls the
+        handler's writes back. Claiming last keeps the transaction's write phase short, so a handler
+        may compute at length before it touches the database without holding a write lock (SQLite).
+        """
         cls = MESSAGE_TYPES.get(envelope.type)
         if cls is None or cls not in self._handlers:
             raise MalformedPayload(f"{self.name} has no handler for message type {envelope.type!r}")
@@ -48,8 +53,14 @@ class Consumer:
         with structlog.contextvars.bound_contextvars(
             consumer=self.name, message_id=str(envelope.message_id), message_type=envelope.type
         ):
-            async with self._uow() as uow:
-                if not await uow.claim_inbox(self.name, envelope.message_id):
-                    log.info("message.duplicate_dropped")
-                    return
-                await self._handlers[cls](message, uow)
+            try:
+                async with self._uow() as uow:
+                    await self._handlers[cls](message, uow)
+                    if not await uow.claim_inbox(self.name, envelope.message_id):
+                        raise _Duplicate
+            except _Duplicate:
+                log.info("message.duplicate_dropped")
+
+
+class _Duplicate(Exception):
+    """Raised inside the unit of work to roll back the effects of an already-applied message."""

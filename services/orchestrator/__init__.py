@@ -1,0 +1,1 @@
+"""The orchestrator: the training state machine (rounds, quorum, deadlines, tests, finish)."""

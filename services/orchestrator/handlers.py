@@ -1,0 +1,176 @@
+"""Event handlers of the orchestrator: load the training, call the machine, apply the step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from uuid import UUID, uuid4
+
+import structlog
+
+from services.orchestrator import machine
+from services.orchestrator.machine import Step
+from services.orchestrator.repository import TrainingRepository
+from shared.db.models import Model, Training
+from shared.db.uow import UnitOfWork
+from shared.errors import IllegalTransition, NotFound
+from shared.events import (
+    AggregateRound,
+    AggregationFailed,
+    Message,
+    ModelAggregated,
+    NotificationIssued,
+    StartTraining,
+    TestMetricsReceived,
+    UpdateReceived,
+    UpdateRef,
+    utcnow,
+)
+from shared.messaging import Handler
+
+log = structlog.get_logger(component="orchestrator")
+
+Transition = Callable[[], Step | None]
+
+
+async def on_start_training(command: StartTraining, uow: UnitOfWork) -> None:
+    """INITIAL -> ONGOING; a second start is refused (logged, acknowledged, no effect)."""
+    repo = TrainingRepository(uow.session)
+    training, view = await repo.load(command.training_id)
+    now = utcnow()
+    await _attempt(uow, repo, training, lambda: machine.start(view, now), now)
+
+
+async def on_update_received(event: UpdateReceived, uow: UnitOfWork) -> None:
+    """Count the round's updates; with all participants in, emit the aggregation job."""
+    repo = TrainingRepository(uow.session)
+    training, view = await repo.load(event.training_id)
+    received = await repo.count_updates(training.id, event.round)
+    now = utcnow()
+    await _attempt(uow, repo, training, lambda: machine.update_received(view, event.round, received), now)
+
+
+async def on_model_aggregated(event: ModelAggregated, uow: UnitOfWork) -> None:
+    """Adopt the round's global model, then test it or move to the next round or finish."""
+    repo = TrainingRepository(uow.session)
+    training, view = await repo.load(event.training_id)
+    now = utcnow()
+    applied = await _attempt(
+        uow, repo, training, lambda: machine.model_aggregated(view, event.round, event.model_id, now), now
+    )
+    if applied:
+        await repo.record_aggregation(
+            training.id, event.round, event.model_id, event.num_updates, event.num_examples, now
+        )
+
+
+async def on_aggregation_failed(event: AggregationFailed, uow: UnitOfWork) -> None:
+    """The round could not be aggregated: the training fails with the aggregator's reason."""
+    repo = TrainingRepository(uow.session)
+    training, view = await repo.load(event.training_id)
+    now = utcnow()
+    await _attempt(
+        uow, repo, training, lambda: machine.aggregation_failed(view, event.round, event.reason), now
+    )
+
+
+async def on_test_metrics_received(event: TestMetricsReceived, uow: UnitOfWork) -> None:
+    """Count the round's test reports; with all participants in, move on."""
+    repo = TrainingRepository(uow.session)
+    training, view = await repo.load(event.training_id)
+    reported = await repo.count_test_reports(training.id, event.round)
+    now = utcnow()
+    await _attempt(uow, repo, training, lambda: machine.test_reported(view, event.round, reported, now), now)
+
+
+async def check_deadline(training_id: UUID, uow: UnitOfWork) -> bool:
+    """Time out the training's current phase if its deadline passed; True when it moved."""
+    repo = TrainingRepository(uow.session)
+    training, view = await repo.load(training_id)
+    received = await repo.count_updates(training.id, view.round)
+    now = utcnow()
+    return await _attempt(uow, repo, training, lambda: machine.deadline_passed(view, received, now), now)
+
+
+HANDLERS: Mapping[type[Message], Handler] = {
+    StartTraining: on_start_training,
+    UpdateReceived: on_update_received,
+    ModelAggregated: on_model_aggregated,
+    AggregationFailed: on_aggregation_failed,
+    TestMetricsReceived: on_test_metrics_received,
+}
+"""The orchestrator's registry; its queue's bindings derive from it."""
+
+
+async def _attempt(
+    uow: UnitOfWork,
+    repo: TrainingRepository,
+    training: Training,
+    transition: Transition,
+    now: datetime,
+) -> bool:
+    """Run a transition; an illegal one (stale or repeated event) is logged and has no effect."""
+    try:
+        step = transition()
+    except IllegalTransition as exc:
+        log.info("transition.refused", training_id=str(training.id), reason=exc.detail)
+        return False
+    if step is None:
+        return False
+    await _apply(uow, repo, training, step, now)
+    return True
+
+
+async def _apply(
+    uow: UnitOfWork, repo: TrainingRepository, training: Training, step: Step, now: datetime
+) -> None:
+    previous_round = training.round
+    await repo.apply(training, step, now)
+    if step.aggregate:
+        await _emit_aggregation(uow, repo, training, previous_round)
+    if step.notices:
+        receivers = await repo.receivers(training)
+        for notice in step.notices:
+            uow.emit(
+                NotificationIssued(
+                    event_id=uuid4(),
+                    notification_type=notice.type,
+                    training_id=training.id,
+                    receivers=receivers,
+                    body=notice.body,
+                    issued_at=now,
+                )
+            )
+    log.info(
+        "training.advanced",
+        training_id=str(training.id),
+        state=step.state.value,
+        phase=step.phase.value if step.phase else None,
+        round=step.round,
+    )
+
+
+async def _emit_aggregation(
+    uow: UnitOfWork, repo: TrainingRepository, training: Training, round_: int
+) -> None:
+    updates = await repo.updates(training.id, round_)
+    base = await uow.session.get(Model, training.current_model_id)
+    if base is None:
+        raise NotFound(f"model {training.current_model_id} of training {training.id} does not exist")
+    uow.emit(
+        AggregateRound(
+            job_id=uuid4(),
+            training_id=training.id,
+            round=round_,
+            method=training.aggregation,
+            base_model_id=training.current_model_id,
+            base_blob_key=base.blob_key,
+            updates=tuple(
+                UpdateRef(
+                    update_id=u.id, client_id=u.client_id, blob_key=u.blob_key, num_examples=u.num_examples
+                )
+                for u in updates
+            ),
+            delete_updates_after=training.delete_local_models_after_aggregation,
+        )
+    )

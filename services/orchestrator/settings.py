@@ -1,0 +1,14 @@
+"""Orchestrator settings (FEDHUB_* environment)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import CommonSettings
+
+
+class OrchestratorSettings(CommonSettings):
+    """How often deadlines are checked and how many events are handled at once."""
+
+    deadline_tick_s: float = Field(default=1.0, gt=0, description="how often overdue rounds are checked")
+    prefetch: int = Field(default=1, ge=1, description="events handled concurrently")
