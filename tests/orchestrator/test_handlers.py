@@ -1,0 +1,231 @@
+"""Orchestrator handlers over a real SQLite database, the outbox and the inbox."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from uuid import UUID, uuid4
+
+import pytest
+from sqlalchemy import select, update
+
+from services.orchestrator.handlers import HANDLERS, check_deadline
+from services.orchestrator.machine import start
+from services.orchestrator.repository import ConcurrentTransition, TrainingRepository
+from shared.bus.base import envelope_for
+from shared.codec import decode_message
+from shared.db.models import (
+    ClientUpdate,
+    Model,
+    OutboxMessage,
+    Participant,
+    Principal,
+    Training,
+    TrainingRound,
+)
+from shared.enums import Role, RoundPhase, TrainingState
+from shared.events import (
+    MESSAGE_TYPES,
+    AggregateRound,
+    Message,
+    ModelAggregated,
+    NotificationIssued,
+    StartTraining,
+    UpdateReceived,
+    utcnow,
+)
+from shared.messaging import Consumer
+from shared.runtime import Runtime
+from shared.settings import CommonSettings
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    """An embedded runtime whose relay is stopped, so emitted messages stay in the outbox to inspect."""
+    rt = await Runtime.open(
+        CommonSettings(
+            database_url=f"sqlite+aiosqlite:///{tmp_path}/db.sqlite", blob_path=tmp_path / "blobs"
+        ),
+        create_tables=True,
+    )
+    await rt.relay.stop()
+    yield rt
+    await rt.close()
+
+
+async def _training(rt: Runtime, clients: int = 2, **options: object) -> tuple[UUID, list[UUID]]:
+    owner, model, training = uuid4(), uuid4(), uuid4()
+    client_ids = [uuid4() for _ in range(clients)]
+    async with rt.uow() as uow:
+        s = uow.session
+        s.add(Principal(id=owner, name="actor", role=Role.ACTOR, token_hash=uuid4().hex))
+        s.add_all(
+            Principal(id=c, name=f"c{i}", role=Role.CLIENT, token_hash=uuid4().hex)
+            for i, c in enumerate(client_ids)
+        )
+        await s.flush()
+        s.add(Model(id=model, owner_id=owner, blob_key="sha256/abc", digest="abc", size_bytes=1, spec={}))
+        await s.flush()
+        s.add(
+            Training(
+                id=training,
+                owner_id=owner,
+                initial_model_id=model,
+                current_model_id=model,
+                aggregation="fedavg",
+                rounds=2,
+                min_clients=clients,
+                round_timeout_s=60,
+                **options,
+            )
+        )
+        await s.flush()
+        s.add_all(Participant(training_id=training, client_id=c) for c in client_ids)
+    return training, client_ids
+
+
+async def _outbox(rt: Runtime) -> list[Message]:
+    async with rt.uow() as uow:
+        rows = (await uow.session.scalars(select(OutboxMessage).order_by(OutboxMessage.id))).all()
+        await uow.session.execute(OutboxMessage.__table__.delete())
+    return [decode_message(MESSAGE_TYPES[r.type], r.body) for r in rows]
+
+
+async def _state(rt: Runtime, training_id: UUID) -> Training:
+    async with rt.uow() as uow:
+        t = await uow.session.get(Training, training_id)
+        assert t is not None
+        return t
+
+
+async def _add_update(rt: Runtime, training_id: UUID, client_id: UUID, round_: int) -> UpdateReceived:
+    update_id = uuid4()
+    async with rt.uow() as uow:
+        uow.session.add(
+            ClientUpdate(
+                id=update_id,
+                training_id=training_id,
+                round=round_,
+                client_id=client_id,
+                blob_key=f"update/{update_id}",
+                digest="d",
+                num_examples=10,
+            )
+        )
+    return UpdateReceived(
+        training_id=training_id, round=round_, client_id=client_id, update_id=update_id, num_examples=10
+    )
+
+
+async def test_start_then_updates_emit_notifications_and_an_ordered_aggregation_job(runtime: Runtime) -> None:
+    """StartTraining -> ONGOING + 2 notifications; the last update -> AGGREGATING + AggregateRound."""
+    consumer = Consumer("orchestrator", HANDLERS, runtime.uow)
+    training_id, clients = await _training(runtime)
+    await consumer.handle(envelope_for(StartTraining(training_id=training_id, requested_by=uuid4())))
+    t = await _state(runtime, training_id)
+    assert (t.state, t.phase, t.round, t.version) == (TrainingState.ONGOING, RoundPhase.COLLECTING, 1, 1)
+    notes = await _outbox(runtime)
+    assert [n.notification_type for n in notes if isinstance(n, NotificationIssued)] == [
+        "TRAINING_START",
+        "UPDATE_ROUND_START",
+    ]
+    assert isinstance(notes[0], NotificationIssued) and set(notes[0].receivers) == {*clients, t.owner_id}
+
+    for c in reversed(clients):
+        await consumer.handle(envelope_for(await _add_update(runtime, training_id, c, 1)))
+    t = await _state(runtime, training_id)
+    assert t.phase is RoundPhase.AGGREGATING and t.deadline_at is None
+    (job,) = await _outbox(runtime)
+    assert isinstance(job, AggregateRound)
+    assert [u.client_id for u in job.updates] == sorted(clients), "aggregation order must be deterministic"
+    assert job.base_blob_key == "sha256/abc" and job.delete_updates_after is True
+
+
+async def test_model_aggregated_moves_to_testing_and_records_the_round(runtime: Runtime) -> None:
+    """ModelAggregated -> TESTING, MODEL_TEST_ROUND, the round's model noted; a repeat has no effect."""
+    consumer = Consumer("orchestrator", HANDLERS, runtime.uow)
+    training_id, clients = await _training(runtime)
+    await consumer.handle(envelope_for(StartTraining(training_id=training_id, requested_by=uuid4())))
+    for c in clients:
+        await consumer.handle(envelope_for(await _add_update(runtime, training_id, c, 1)))
+    await _outbox(runtime)
+    new_model = uuid4()
+    async with runtime.uow() as uow:
+        uow.session.add(Model(id=new_model, blob_key="sha256/def", digest="def", size_bytes=1, spec={}))
+    event = ModelAggregated(
+        job_id=uuid4(),
+        training_id=training_id,
+        round=1,
+        model_id=new_model,
+        blob_key="sha256/def",
+        num_updates=2,
+        num_examples=20,
+    )
+    envelope = envelope_for(event)
+    await consumer.handle(envelope)
+    await consumer.handle(envelope)  # redelivery
+    await consumer.handle(envelope_for(event))  # same event, new message id: refused as stale
+    t = await _state(runtime, training_id)
+    assert (t.phase, t.current_model_id, t.version) == (RoundPhase.TESTING, new_model, 3)
+    (note,) = await _outbox(runtime)
+    assert isinstance(note, NotificationIssued) and note.notification_type == "MODEL_TEST_ROUND"
+    assert note.body == {"round": 1, "global_model_uuid": str(new_model)}
+    async with runtime.uow() as uow:
+        r = await uow.session.get(TrainingRound, (training_id, 1))
+        assert r is not None and (r.model_id, r.num_updates, r.num_examples) == (new_model, 2, 20)
+
+
+async def test_second_start_is_refused_without_effect(runtime: Runtime) -> None:
+    """A second StartTraining command is acknowledged and changes nothing."""
+    consumer = Consumer("orchestrator", HANDLERS, runtime.uow)
+    training_id, _ = await _training(runtime)
+    for _ in range(2):
+        await consumer.handle(envelope_for(StartTraining(training_id=training_id, requested_by=uuid4())))
+    t = await _state(runtime, training_id)
+    assert (t.round, t.version) == (1, 1)
+    assert len(await _outbox(runtime)) == 2
+
+
+async def test_deadline_with_quorum_aggregates_and_without_quorum_fails(runtime: Runtime) -> None:
+    """Overdue COLLECTING: min_clients reached -> aggregate what arrived; not reached -> FAILED."""
+    consumer = Consumer("orchestrator", HANDLERS, runtime.uow)
+    ok_id, ok_clients = await _training(runtime, clients=3)
+    bad_id, _ = await _training(runtime, clients=3)
+    for tid in (ok_id, bad_id):
+        await consumer.handle(envelope_for(StartTraining(training_id=tid, requested_by=uuid4())))
+    async with runtime.uow() as uow:
+        await uow.session.execute(
+            update(Training).values(min_clients=1, deadline_at=utcnow() - timedelta(seconds=1))
+        )
+    await consumer.handle(envelope_for(await _add_update(runtime, ok_id, ok_clients[0], 1)))
+    await _outbox(runtime)
+
+    async with runtime.uow() as uow:
+        assert set(await TrainingRepository(uow.session).overdue(utcnow())) == {ok_id, bad_id}
+    async with runtime.uow() as uow:
+        assert await check_deadline(ok_id, uow)
+    async with runtime.uow() as uow:
+        assert await check_deadline(bad_id, uow)
+    assert (await _state(runtime, ok_id)).phase is RoundPhase.AGGREGATING
+    bad = await _state(runtime, bad_id)
+    assert bad.state is TrainingState.FAILED and "0 of the 1" in (bad.failure_reason or "")
+    messages = await _outbox(runtime)
+    job = next(m for m in messages if isinstance(m, AggregateRound))
+    assert [u.client_id for u in job.updates] == [ok_clients[0]]
+    fin = next(m for m in messages if isinstance(m, NotificationIssued))
+    assert fin.notification_type == "TRAINING_FINISHED" and fin.body["state"] == "FAILED"
+
+
+async def test_two_orchestrators_cannot_advance_the_same_version_twice(runtime: Runtime) -> None:
+    """Compare-and-set on `version`: the second writer of the same transition is refused."""
+    training_id, _ = await _training(runtime)
+    async with runtime.uow() as a, runtime.uow() as b:
+        ta, va = await TrainingRepository(a.session).load(training_id)
+        tb, vb = await TrainingRepository(b.session).load(training_id)
+        now = utcnow()
+        await TrainingRepository(a.session).apply(ta, start(va, now), now)
+        await a.session.commit()
+        with pytest.raises(ConcurrentTransition):
+            await TrainingRepository(b.session).apply(tb, start(vb, now), now)
+    assert (await _state(runtime, training_id)).version == 1
