@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -70,7 +71,7 @@ async def test_three_clients_three_rounds_with_test_rounds(tmp_path: Path) -> No
         assert final["current_model_id"] == model_ids[-1]
 
         states = [initial] + [await actor.download_model(UUID(m)) for m in model_ids]
-        for before, after in zip(states, states[1:], strict=False):
+        for before, after in itertools.pairwise(states):
             assert any(not torch.equal(before[k], after[k]) for k in before), (
                 "a round left the model unchanged"
             )
