@@ -20,8 +20,8 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed of the data split, the model and the local training")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="write a JSON summary here")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of accuracy and loss per round here")] = None,
-    local_epochs: Annotated[int, typer.Option(min=1, help="local epochs per round")] = 2,
-    lr: Annotated[float, typer.Option(min=0.0, help="clients' SGD learning rate")] = 0.1,
+    local_epochs: Annotated[int, typer.Option(min=1, help="local epochs per round")] = 8,
+    lr: Annotated[float, typer.Option(min=0.0, help="clients' SGD learning rate")] = 0.2,
 ) -> None:
     """Run a real federated training in embedded mode: server, clients and live progress in one process."""
     from fedhub.demo import DemoOptions, run_demo, write_outputs

@@ -37,8 +37,8 @@ class DemoOptions:
     rounds: int = 10
     seed: int = 0
     alpha: float = 0.5
-    local_epochs: int = 2
-    lr: float = 0.1
+    local_epochs: int = 8
+    lr: float = 0.2
     round_timeout_s: float = 120.0
     data_dir: Path | None = None
 
@@ -71,6 +71,8 @@ class DemoSummary:
 async def run_demo(options: DemoOptions, console: Console | None = None) -> DemoSummary:
     """Run the whole demo and return its summary; `console` gets a live progress view."""
     console = console or Console()
+    # Clients train in worker threads on a small machine: one torch thread each avoids oversubscription.
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="fedhub-demo-") as tmp:
         data_dir = options.data_dir or Path(tmp)
         settings = EmbeddedSettings(data_dir=data_dir, log_level="WARNING", deadline_tick_s=0.5)

@@ -1,0 +1,1 @@
+"""Tests of the client SDK and the demo learning task."""

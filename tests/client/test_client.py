@@ -1,0 +1,524 @@
+"""`Client`'s protocol against a scripted server: requests in order, retries, skips and reconnects."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from uuid import UUID, uuid4
+
+import httpx
+import pytest
+import torch
+
+from fedhub.client import Client, ClientError, RetryPolicy, ServerUnreachable
+from shared.codec import decode_document, parse_tensor_map
+from shared.tensors import records_to_state_dict
+
+from .fakes import FAST, Hang, ScriptedServer, error_response, sse, weights_response
+
+BASE = "http://fedhub.test"
+TOKEN = "client-token"
+T = UUID("00000000-0000-0000-0000-00000000000a")
+ME = UUID("00000000-0000-0000-0000-0000000000c1")
+OTHER = UUID("00000000-0000-0000-0000-0000000000c2")
+M0, M1, M2 = (UUID(int=i) for i in (0x100, 0x101, 0x102))
+MODELS = {
+    m: {"w": torch.full((2, 3), float(i)), "b": torch.arange(3, dtype=torch.float32)}
+    for i, m in enumerate((M0, M1, M2))
+}
+
+UPDATES = f"/v1/trainings/{T}/updates"
+TEST_METRICS = f"/v1/trainings/{T}/test-metrics"
+TRAINING = f"/v1/trainings/{T}"
+
+
+def training(
+    state: str, phase: str | None = None, round_: int = 0, model: UUID = M0, **extra: Any
+) -> httpx.Response:
+    """`GET /v1/trainings/{id}` answering the given state."""
+    body = {
+        "id": str(T),
+        "state": state,
+        "phase": phase,
+        "round": round_,
+        "rounds": 2,
+        "current_model_id": str(model),
+        "participants": [str(ME), str(OTHER)],
+        "uploaded": [],
+        "tested": [],
+    }
+    body.update({k: [str(v) for v in vs] if isinstance(vs, list) else vs for k, vs in extra.items()})
+    return httpx.Response(200, json=body)
+
+
+def created(round_: int) -> httpx.Response:
+    """An accepted update."""
+    return httpx.Response(201, json={"update_id": str(uuid4()), "round": round_, "duplicate": False})
+
+
+def metrics_created(round_: int) -> httpx.Response:
+    """Accepted test metrics."""
+    return httpx.Response(201, json={"round": round_, "duplicate": False})
+
+
+class Recorder:
+    """fit / evaluate / on_event fakes that remember how they were called."""
+
+    def __init__(self) -> None:
+        self.fits: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
+        self.evaluations: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def fit(self, weights, config):
+        """New weights = old + round; 7 examples."""
+        self.fits.append(({k: v.clone() for k, v in weights.items()}, config))
+        # Changing the given tensors in place must not leak into the SDK's model cache.
+        for v in weights.values():
+            v.add_(1000)
+        return {k: v - 1000 + config["round"] for k, v in weights.items()}, 7, {"loss": 0.25}
+
+    def evaluate(self, weights, config):
+        """3 examples, accuracy 0.5."""
+        self.evaluations.append(({k: v.clone() for k, v in weights.items()}, config))
+        return 3, {"accuracy": 0.5}
+
+    def on_event(self, kind, details):
+        """Remember a hook call."""
+        self.events.append((kind, details))
+
+
+def make_client(
+    http: httpx.AsyncClient, rec: Recorder, training_id: UUID | None = T, **kwargs: Any
+) -> Client:
+    """A client over the scripted server with instant retries."""
+    kwargs.setdefault("evaluate", rec.evaluate)
+    return Client(
+        BASE,
+        TOKEN,
+        fit=rec.fit,
+        training_id=training_id,
+        http=http,
+        retry=FAST,
+        name="c1",
+        on_event=rec.on_event,
+        **kwargs,
+    )
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Equal names and values."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def decode_update(request: httpx.Request) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An upload's msgpack document and its tensors."""
+    assert request.headers["Content-Type"] == "application/msgpack"
+    doc = decode_document(request.content)
+    return doc, records_to_state_dict(parse_tensor_map(doc["tensors"]))
+
+
+async def test_two_rounds_follow_the_protocol_in_order(server: ScriptedServer, http):
+    """Train, test, train, test, finish: exactly these requests, each model downloaded once."""
+    server.stream(
+        sse(1, "TRAINING_START", T),
+        sse(2, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0),
+        sse(3, "MODEL_TEST_ROUND", T, round=1, global_model_uuid=M1)
+        + sse(4, "UPDATE_ROUND_START", T, round=2, global_model_uuid=M1),
+        sse(5, "MODEL_TEST_ROUND", T, round=2, global_model_uuid=M2),
+        sse(6, "TRAINING_FINISHED", T, round=2, global_model_uuid=M2),
+        Hang(),
+    )
+    server.on("GET", TRAINING, training("INITIAL"), training("COMPLETED", round_=2, model=M2))
+    for m in (M0, M1, M2):
+        server.on("GET", f"/v1/models/{m}/weights", weights_response(MODELS[m]))
+    server.on("POST", UPDATES, created(1), created(2))
+    server.on("POST", TEST_METRICS, metrics_created(1), metrics_created(2))
+    rec = Recorder()
+
+    result = await make_client(http, rec).run()
+
+    assert server.calls == [
+        "GET /v1/events",
+        f"GET {TRAINING}",
+        f"GET /v1/models/{M0}/weights",
+        f"POST {UPDATES}",
+        f"GET /v1/models/{M1}/weights",
+        f"POST {TEST_METRICS}",
+        f"POST {UPDATES}",
+        f"GET /v1/models/{M2}/weights",
+        f"POST {TEST_METRICS}",
+        f"GET {TRAINING}",
+    ]
+    assert server.unused() == {}
+    events_request = server.requests[0]
+    assert events_request.url.params["training_id"] == str(T)
+    assert "Last-Event-ID" not in events_request.headers
+    assert all(r.headers["Authorization"] == f"Bearer {TOKEN}" for r in server.requests)
+
+    assert [config for _, config in rec.fits] == [
+        {"training_id": str(T), "round": 1, "global_model_id": str(M0)},
+        {"training_id": str(T), "round": 2, "global_model_id": str(M1)},
+    ]
+    assert_same_state(rec.fits[0][0], MODELS[M0])
+    assert_same_state(rec.fits[1][0], MODELS[M1])
+    assert_same_state(rec.evaluations[0][0], MODELS[M1])
+
+    for round_, request in enumerate(server.requests_to("POST", UPDATES), start=1):
+        doc, tensors = decode_update(request)
+        assert (doc["round"], doc["num_examples"], doc["metrics"]) == (round_, 7, {"loss": 0.25})
+        start = MODELS[M0] if round_ == 1 else MODELS[M1]
+        assert_same_state(tensors, {k: v + round_ for k, v in start.items()})
+    assert [json.loads(r.content) for r in server.requests_to("POST", TEST_METRICS)] == [
+        {"round": 1, "num_examples": 3, "metrics": {"accuracy": 0.5}},
+        {"round": 2, "num_examples": 3, "metrics": {"accuracy": 0.5}},
+    ]
+
+    assert (result.training_id, result.state, result.final_model_id) == (T, "COMPLETED", M2)
+    assert (result.rounds_trained, result.rounds_tested) == ((1, 2), (1, 2))
+    assert [kind for kind, _ in rec.events] == ["uploaded", "tested", "uploaded", "tested", "finished"]
+    assert rec.events[0][1]["round"] == 1
+    assert rec.events[0][1]["client"] == "c1"
+    assert rec.events[-1][1]["final_model_id"] == str(M2)
+
+
+async def test_without_a_training_id_it_follows_the_first_training_heard_of(server: ScriptedServer, http):
+    """No state check before the first notification; other trainings' notifications are ignored."""
+    elsewhere = uuid4()
+    server.stream(
+        sse(1, "TRAINING_START", T),
+        sse(2, "UPDATE_ROUND_START", elsewhere, round=1, global_model_uuid=M2),
+        sse(3, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0),
+        sse(4, "TRAINING_FINISHED", elsewhere),
+        sse(5, "TRAINING_FINISHED", T, round=1, global_model_uuid=M1),
+        Hang(),
+    )
+    server.on("GET", f"/v1/models/{M0}/weights", weights_response(MODELS[M0]))
+    server.on("POST", UPDATES, created(1))
+    server.on("GET", TRAINING, training("COMPLETED", round_=1, model=M1))
+    rec = Recorder()
+
+    result = await make_client(http, rec, training_id=None).run()
+
+    assert server.calls == [
+        "GET /v1/events",
+        f"GET /v1/models/{M0}/weights",
+        f"POST {UPDATES}",
+        f"GET {TRAINING}",
+    ]
+    assert "training_id" not in server.requests[0].url.params
+    assert (result.training_id, result.rounds_trained, result.final_model_id) == (T, (1,), M1)
+
+
+async def test_round_closed_upload_is_skipped_and_the_training_goes_on(server: ScriptedServer, http):
+    """A 409 RoundClosed means the notification was stale: no retry, no error, next round trained."""
+    server.stream(
+        sse(1, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0),
+        sse(2, "UPDATE_ROUND_START", T, round=2, global_model_uuid=M1),
+        sse(3, "TRAINING_FINISHED", T),
+        Hang(),
+    )
+    server.on("GET", TRAINING, training("INITIAL"), training("COMPLETED", round_=2, model=M2))
+    server.on("GET", f"/v1/models/{M0}/weights", weights_response(MODELS[M0]))
+    server.on("GET", f"/v1/models/{M1}/weights", weights_response(MODELS[M1]))
+    server.on("POST", UPDATES, error_response(409, "RoundClosed", "round 1 of training closed"), created(2))
+    rec = Recorder()
+
+    result = await make_client(http, rec).run()
+
+    uploads = server.requests_to("POST", UPDATES)
+    assert [decode_update(r)[0]["round"] for r in uploads] == [1, 2]
+    assert result.rounds_trained == (2,)
+    assert [(kind, d.get("round")) for kind, d in rec.events] == [("uploaded", 2), ("finished", None)]
+
+
+async def test_a_503_upload_is_retried_until_accepted(server: ScriptedServer, http):
+    """5xx is transient: the same body is sent again and the second answer counts."""
+    server.stream(
+        sse(1, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0),
+        sse(2, "TRAINING_FINISHED", T),
+        Hang(),
+    )
+    server.on(
+        "GET", TRAINING, training("ONGOING", "COLLECTING", 1, uploaded=[]), training("COMPLETED", round_=1)
+    )
+    server.on("GET", f"/v1/models/{M0}/weights", weights_response(MODELS[M0]))
+    server.on("POST", UPDATES, error_response(503, "Unavailable", "try later"), created(1))
+    rec = Recorder()
+
+    result = await make_client(http, rec).run()
+
+    first, second = server.requests_to("POST", UPDATES)
+    assert first.content == second.content
+    assert len(rec.fits) == 1
+    assert result.rounds_trained == (1,)
+
+
+async def test_a_dropped_stream_reconnects_with_last_event_id(server: ScriptedServer, http):
+    """After a read error the stream reopens with `Last-Event-ID` and the state is checked again."""
+    server.stream(
+        sse(1, "TRAINING_START", T),
+        sse(2, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0),
+        httpx.ReadError("connection reset by peer"),
+    )
+    server.stream(
+        sse(3, "MODEL_TEST_ROUND", T, round=1, global_model_uuid=M1),
+        sse(4, "TRAINING_FINISHED", T),
+        Hang(),
+    )
+    server.on(
+        "GET",
+        TRAINING,
+        training("INITIAL"),
+        training("ONGOING", "AGGREGATING", 1, uploaded=[ME]),
+        training("COMPLETED", round_=1, model=M1),
+    )
+    server.on("GET", f"/v1/models/{M0}/weights", weights_response(MODELS[M0]))
+    server.on("GET", f"/v1/models/{M1}/weights", weights_response(MODELS[M1]))
+    server.on("POST", UPDATES, created(1))
+    server.on("POST", TEST_METRICS, metrics_created(1))
+    rec = Recorder()
+
+    result = await make_client(http, rec).run()
+
+    connects = server.requests_to("GET", "/v1/events")
+    assert len(connects) == 2
+    assert "Last-Event-ID" not in connects[0].headers
+    assert connects[1].headers["Last-Event-ID"] == "2"
+    assert server.calls.index(f"GET {TRAINING}", 2) > server.calls.index("GET /v1/events", 1)
+    assert (result.rounds_trained, result.rounds_tested) == ((1,), (1,))
+    assert server.unused() == {}
+
+
+async def test_a_cleanly_ended_stream_reconnects_too(server: ScriptedServer, http):
+    """A server that closes the stream (a restart, a proxy) is reconnected, with the last id seen."""
+    server.stream(sse(8, "TRAINING_START", T))
+    server.stream(sse(9, "TRAINING_FINISHED", T), Hang())
+    server.on("GET", TRAINING, training("INITIAL"), training("INITIAL"), training("COMPLETED"))
+    rec = Recorder()
+
+    result = await make_client(http, rec).run()
+
+    assert server.requests_to("GET", "/v1/events")[1].headers["Last-Event-ID"] == "8"
+    assert result.state == "COMPLETED"
+
+
+async def test_catch_up_after_reconnect_tests_once_even_when_the_replay_repeats_it(
+    server: ScriptedServer, http
+):
+    """State says TESTING on reconnect: test now; the replayed MODEL_TEST_ROUND is then skipped."""
+    server.stream(
+        sse(2, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0), httpx.RemoteProtocolError("gone")
+    )
+    server.stream(
+        sse(3, "MODEL_TEST_ROUND", T, round=1, global_model_uuid=M1),
+        sse(4, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0),
+        sse(5, "TRAINING_FINISHED", T),
+        Hang(),
+    )
+    server.on(
+        "GET",
+        TRAINING,
+        training("INITIAL"),
+        training("ONGOING", "TESTING", 1, model=M1, uploaded=[ME, OTHER]),
+        training("COMPLETED", round_=1, model=M1),
+    )
+    server.on("GET", f"/v1/models/{M0}/weights", weights_response(MODELS[M0]))
+    server.on("GET", f"/v1/models/{M1}/weights", weights_response(MODELS[M1]))
+    server.on("POST", UPDATES, created(1))
+    server.on("POST", TEST_METRICS, metrics_created(1))
+    rec = Recorder()
+
+    result = await make_client(http, rec).run()
+
+    assert server.calls[-5:] == [
+        "GET /v1/events",
+        f"GET {TRAINING}",
+        f"GET /v1/models/{M1}/weights",
+        f"POST {TEST_METRICS}",
+        f"GET {TRAINING}",
+    ]
+    assert (len(rec.fits), len(rec.evaluations)) == (1, 1)
+    assert (result.rounds_trained, result.rounds_tested) == ((1,), (1,))
+
+
+async def test_a_late_joiner_trains_the_open_round_and_skips_stale_notifications(
+    server: ScriptedServer, http
+):
+    """Joining during round 2: train it from the state; replayed round 1 and 2 starts do nothing."""
+    server.stream(
+        sse(7, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0),
+        sse(8, "UPDATE_ROUND_START", T, round=2, global_model_uuid=M1),
+        sse(9, "TRAINING_FINISHED", T),
+        Hang(),
+    )
+    server.on(
+        "GET",
+        TRAINING,
+        training("ONGOING", "COLLECTING", 2, model=M1, uploaded=[OTHER]),
+        training("COMPLETED", round_=2, model=M2),
+    )
+    server.on("GET", "/v1/me", httpx.Response(200, json={"id": str(ME), "name": "c1", "role": "client"}))
+    server.on("GET", f"/v1/models/{M1}/weights", weights_response(MODELS[M1]))
+    server.on("POST", UPDATES, created(2))
+    rec = Recorder()
+
+    result = await make_client(http, rec).run()
+
+    assert server.calls == [
+        "GET /v1/events",
+        f"GET {TRAINING}",
+        "GET /v1/me",
+        f"GET /v1/models/{M1}/weights",
+        f"POST {UPDATES}",
+        f"GET {TRAINING}",
+    ]
+    assert result.rounds_trained == (2,)
+
+
+async def test_a_client_that_already_uploaded_waits_for_the_next_round(server: ScriptedServer, http):
+    """A restart after uploading: the state lists this client, so the round is not trained again."""
+    server.stream(
+        sse(5, "UPDATE_ROUND_START", T, round=3, global_model_uuid=M2), sse(6, "TRAINING_FINISHED", T), Hang()
+    )
+    server.on(
+        "GET",
+        TRAINING,
+        training("ONGOING", "COLLECTING", 3, model=M2, uploaded=[ME]),
+        training("COMPLETED", round_=3),
+    )
+    server.on("GET", "/v1/me", httpx.Response(200, json={"id": str(ME), "name": "c1", "role": "client"}))
+    rec = Recorder()
+
+    result = await make_client(http, rec).run()
+
+    assert rec.fits == []
+    assert result.rounds_trained == ()
+
+
+async def test_a_completed_training_returns_at_once(server: ScriptedServer, http):
+    """Nothing to do for a training that is over: no download, no fit."""
+    server.stream(Hang())
+    server.on("GET", TRAINING, training("COMPLETED", round_=2, model=M2))
+    rec = Recorder()
+
+    result = await make_client(http, rec).run()
+
+    assert server.calls == ["GET /v1/events", f"GET {TRAINING}"]
+    assert (result.state, result.final_model_id, result.rounds_trained) == ("COMPLETED", M2, ())
+    assert rec.events[-1][0] == "finished"
+
+
+async def test_without_evaluate_test_rounds_are_skipped(server: ScriptedServer, http):
+    """No evaluate function: nothing downloaded or sent for a test round."""
+    server.stream(
+        sse(1, "MODEL_TEST_ROUND", T, round=1, global_model_uuid=M1), sse(2, "TRAINING_FINISHED", T), Hang()
+    )
+    server.on("GET", TRAINING, training("INITIAL"), training("COMPLETED", round_=1, model=M1))
+    rec = Recorder()
+
+    result = await make_client(http, rec, evaluate=None).run()
+
+    assert server.calls == ["GET /v1/events", f"GET {TRAINING}", f"GET {TRAINING}"]
+    assert result.rounds_tested == ()
+
+
+async def test_other_4xx_raise_client_error_with_the_servers_words(server: ScriptedServer, http):
+    """A refused update (422) is not retried and surfaces as ClientError(error, detail)."""
+    server.stream(sse(1, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0), Hang())
+    server.on("GET", TRAINING, training("INITIAL"))
+    server.on("GET", f"/v1/models/{M0}/weights", weights_response(MODELS[M0]))
+    server.on("POST", UPDATES, error_response(422, "TensorSpecMismatch", "tensor 'w': shape [2, 3]"))
+    rec = Recorder()
+
+    with pytest.raises(ClientError) as info:
+        await make_client(http, rec).run()
+
+    assert (info.value.status_code, info.value.error, info.value.detail) == (
+        422,
+        "TensorSpecMismatch",
+        "tensor 'w': shape [2, 3]",
+    )
+    assert len(server.requests_to("POST", UPDATES)) == 1
+
+
+async def test_an_unauthorised_event_stream_fails_at_once(server: ScriptedServer, http):
+    """401 on connect is final: one attempt, ClientError Unauthenticated."""
+    original = server.handler
+
+    async def refuse(request):
+        if request.url.path == "/v1/events":
+            server.requests.append(request)
+            return error_response(401, "Unauthenticated", "bad token")
+        return await original(request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as refusing:
+        with pytest.raises(ClientError) as info:
+            await make_client(refusing, Recorder()).run()
+
+    assert info.value.error == "Unauthenticated"
+    assert server.calls == ["GET /v1/events"]
+
+
+async def test_an_unreachable_server_gives_up_after_the_policy_attempts():
+    """Connection errors are retried `attempts` times, then ServerUnreachable."""
+    tries = []
+
+    def down(request):
+        tries.append(request)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(down)) as http:
+        client = Client(BASE, TOKEN, fit=Recorder().fit, training_id=T, http=http, retry=RetryPolicy(4, 0, 0))
+        with pytest.raises(ServerUnreachable):
+            await client.run()
+
+    assert len(tries) == 4
+
+
+async def test_a_failing_hook_does_not_stop_the_client(server: ScriptedServer, http):
+    """on_event errors are logged and the training goes on."""
+    server.stream(
+        sse(1, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0), sse(2, "TRAINING_FINISHED", T), Hang()
+    )
+    server.on("GET", TRAINING, training("INITIAL"), training("COMPLETED", round_=1))
+    server.on("GET", f"/v1/models/{M0}/weights", weights_response(MODELS[M0]))
+    server.on("POST", UPDATES, created(1))
+
+    def broken(kind, details):
+        raise RuntimeError("ui crashed")
+
+    rec = Recorder()
+    client = Client(BASE, TOKEN, fit=rec.fit, training_id=T, http=http, retry=FAST, on_event=broken)
+    result = await client.run()
+
+    assert result.rounds_trained == (1,)
+
+
+async def test_malformed_event_data_is_ignored(server: ScriptedServer, http):
+    """An event whose data is not a notification is logged and skipped."""
+    server.stream(
+        b"data: not json\n\n", b'data: {"no": "training"}\n\n', sse(3, "TRAINING_FINISHED", T), Hang()
+    )
+    server.on("GET", TRAINING, training("INITIAL"), training("COMPLETED"))
+
+    result = await make_client(http, Recorder()).run()
+
+    assert result.state == "COMPLETED"
+
+
+def test_run_sync_runs_the_client_in_its_own_loop(server: ScriptedServer, monkeypatch):
+    """The blocking wrapper makes its own loop and HTTP client and returns `run()`'s result."""
+    server.stream(Hang())
+    server.on("GET", TRAINING, training("COMPLETED", round_=2, model=M2))
+    real = httpx.AsyncClient
+    # The client builds its HTTP client inside the new loop; route that one to the scripted server.
+    monkeypatch.setattr(
+        httpx, "AsyncClient", lambda **kw: real(transport=httpx.MockTransport(server.handler), **kw)
+    )
+
+    result = Client(BASE, TOKEN, fit=Recorder().fit, training_id=T, retry=FAST).run_sync()
+
+    assert result.final_model_id == M2
+    assert server.calls == ["GET /v1/events", f"GET {TRAINING}"]
