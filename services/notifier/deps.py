@@ -1,0 +1,68 @@
+"""HTTP plumbing the notifier's routes share: error mapping that needs no app, and authentication.
+
+The routes are included into whichever app runs them (their own in standalone mode, the API's in
+embedded mode), so they cannot rely on that app's exception handlers: the route class maps errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+from uuid import UUID
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared.auth import principal_for_token
+from shared.db.uow import UnitOfWorkFactory
+from shared.errors import FedhubError, Unauthenticated
+
+
+class NotifierStopping(FedhubError):
+    """The notifier is shutting down and takes no new event streams."""
+
+    status_code = 503
+
+
+def error_response(status_code: int, name: str, detail: str) -> JSONResponse:
+    """The API's error shape: `{"error": "<ErrorName>", "detail": "<what happened>"}`."""
+    headers = {"WWW-Authenticate": "Bearer"} if status_code == 401 else None
+    return JSONResponse({"error": name, "detail": detail}, status_code=status_code, headers=headers)
+
+
+def _describe(errors: Sequence[Any]) -> str:
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+class ErrorMappingRoute(APIRoute):
+    """A route that answers `FedhubError` and request validation failures in the API's error shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """Wrap FastAPI's handler so errors become `{"error", "detail"}` responses."""
+        handler = super().get_route_handler()
+
+        async def mapped(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except FedhubError as exc:
+                return error_response(exc.status_code, exc.name, exc.detail)
+            except RequestValidationError as exc:
+                return error_response(422, "ValidationError", _describe(exc.errors()))
+
+        return mapped
+
+
+async def authenticate(uow: UnitOfWorkFactory, token: str) -> UUID:
+    """The id of the principal `token` belongs to, or `Unauthenticated`."""
+    if not token:
+        raise Unauthenticated("empty bearer token")
+    async with uow() as unit:
+        principal = await principal_for_token(unit.session, token)
+        return principal.id

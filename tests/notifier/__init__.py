@@ -1,0 +1,1 @@
+"""Tests of the notifier service: event streams, webhooks, storage."""

@@ -1,0 +1,89 @@
+"""Storing notifications: receivers and webhook deliveries in bulk, in the consumer's transaction."""
+
+from __future__ import annotations
+
+import json
+from uuid import uuid4
+
+from sqlalchemy import event, func, select
+
+from services.notifier.handlers import store_notification
+from services.notifier.models import Notification, NotificationReceiver, Webhook, WebhookDelivery
+from services.notifier.service import Notifier
+from shared.bus.base import envelope_for
+from tests.notifier.conftest import expected_payload, make_principal, notification
+
+
+async def test_thousand_receivers_are_bulk_inserted(runtime, settings):
+    """1,000 receivers: one notification, 1,000 receiver rows in one INSERT, a delivery per webhook."""
+    with_hooks = [await make_principal(runtime, f"hooked-{i}") for i in range(3)]
+    async with runtime.uow() as uow:
+        for caller in with_hooks:
+            uow.session.add(Webhook(principal_id=caller.id, url="http://127.0.0.1:9/h", secret="s" * 16))
+    receivers = [c.id for c in with_hooks] + [uuid4() for _ in range(997)]
+    notifier = Notifier(settings, runtime)
+
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        await notifier.consumer.handle(envelope_for(notification(receivers)))
+    finally:
+        event.remove(runtime.engine.sync_engine, "before_cursor_execute", record)
+
+    receiver_inserts = [s for s in statements if s.startswith("INSERT INTO notification_receiver")]
+    assert len(receiver_inserts) == 1
+    assert len(statements) < 12
+    async with runtime.uow() as uow:
+        count = uow.session.scalar
+        assert await count(select(func.count()).select_from(Notification)) == 1
+        assert await count(select(func.count()).select_from(NotificationReceiver)) == 1000
+        deliveries = (await uow.session.scalars(select(WebhookDelivery))).all()
+    assert {d.principal_id for d in deliveries} == {c.id for c in with_hooks}
+    assert all(d.attempts == 0 and d.next_attempt_at is not None for d in deliveries)
+
+
+async def test_nothing_is_stored_when_the_transaction_fails(runtime, settings):
+    """A failing unit of work leaves no notification, no receivers and nothing published to the hub."""
+    caller = await make_principal(runtime, "client")
+    notifier = Notifier(settings, runtime)
+    sub = notifier.hub.subscribe(caller.id)
+    message = notification([caller.id])
+    handler = next(iter(notifier.consumer._handlers.values()))
+
+    class Boom(Exception):
+        pass
+
+    try:
+        async with runtime.uow() as uow:
+            await handler(message, uow)
+            raise Boom
+    except Boom:
+        pass
+    async with runtime.uow() as uow:
+        assert await uow.session.scalar(select(func.count()).select_from(Notification)) == 0
+    assert sub._queue.empty()
+
+
+async def test_store_notification_returns_what_the_hub_needs(runtime):
+    """The stored notification carries its seq, receivers, SSE frame and the deliveries it created."""
+    hooked = await make_principal(runtime, "hooked")
+    plain = await make_principal(runtime, "plain")
+    async with runtime.uow() as uow:
+        uow.session.add(Webhook(principal_id=hooked.id, url="http://127.0.0.1:9/h", secret="s" * 16))
+    message = notification([hooked.id, plain.id])
+    async with runtime.uow() as uow:
+        stored = await store_notification(message, uow)
+    assert stored is not None
+    assert stored.webhook_deliveries == 1
+    assert stored.live.receivers == {hooked.id, plain.id}
+    assert stored.live.training_id == message.training_id
+    head, data = stored.live.frame.split(b"data: ")
+    assert head == b"id: %d\nevent: UPDATE_ROUND_START\n" % stored.live.seq
+    assert data.endswith(b"}\n\n")
+    assert json.loads(data) == expected_payload(message)
+    async with runtime.uow() as uow:
+        assert await store_notification(message, uow) is None
