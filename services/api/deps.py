@@ -1,0 +1,92 @@
+"""Request dependencies as `Annotated` aliases: the unit of work, the caller and its role, the blob store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, cast
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from services.api.service import RequestUnitOfWork
+from services.api.settings import ApiSettings
+from shared.auth import bearer_token, principal_for_token
+from shared.blobs import BlobStore
+from shared.db.models import Principal
+from shared.enums import Role
+from shared.errors import Forbidden
+from shared.runtime import Runtime
+
+# Declared for the OpenAPI document only; the header is parsed by `shared.auth` so that every
+# failure is a named `Unauthenticated` error.
+_bearer = HTTPBearer(auto_error=False, description="the principal's token: `Authorization: Bearer <token>`")
+
+
+# The trivial dependencies are `async` only so that FastAPI calls them inline, not in its thread pool.
+async def get_runtime(request: Request) -> Runtime:
+    """The process's runtime, set by `create_app` (embedded) or by the app's lifespan."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        raise RuntimeError("the API has no runtime: run the app's lifespan or pass one to create_app")
+    return cast(Runtime, runtime)
+
+
+async def get_settings(request: Request) -> ApiSettings:
+    """The settings the app was created with."""
+    return cast(ApiSettings, request.app.state.settings)
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+
+
+async def unit_of_work(runtime: RuntimeDep) -> AsyncIterator[RequestUnitOfWork]:
+    """One unit of work per request: committed when the endpoint returns, before the answer is sent."""
+    async with RequestUnitOfWork(runtime.uow) as uow:
+        yield uow
+
+
+# scope="function": the commit happens before the response goes out, so a failed commit becomes the
+# answer instead of following a success the client already received.
+UowDep = Annotated[RequestUnitOfWork, Depends(unit_of_work, scope="function")]
+
+
+async def current_principal(
+    request: Request,
+    uow: UowDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> Principal:
+    """The caller, by one indexed query on its token's hash; `Unauthenticated` without a valid token."""
+    token = bearer_token(request.headers.get("authorization"))
+    return await principal_for_token(uow.session, token)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+def _require(principal: Principal, role: Role) -> Principal:
+    if principal.role != role:
+        raise Forbidden(
+            f"this needs the {role.value} role; principal {principal.id} has the {principal.role.value} role"
+        )
+    return principal
+
+
+async def current_actor(principal: CurrentPrincipal) -> Principal:
+    """The caller, who must be an actor."""
+    return _require(principal, Role.ACTOR)
+
+
+async def current_client(principal: CurrentPrincipal) -> Principal:
+    """The caller, who must be a client."""
+    return _require(principal, Role.CLIENT)
+
+
+async def get_blobs(runtime: RuntimeDep) -> BlobStore:
+    """The blob store of the runtime."""
+    return runtime.blobs
+
+
+CurrentActor = Annotated[Principal, Depends(current_actor)]
+CurrentClient = Annotated[Principal, Depends(current_client)]
+BlobsDep = Annotated[BlobStore, Depends(get_blobs)]

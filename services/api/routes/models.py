@@ -1,0 +1,90 @@
+"""Models: actors upload initial models; actors and participants read metadata and weights."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from fastapi import APIRouter, Request, Response, status
+
+from services.api import service
+from services.api.deps import BlobsDep, CurrentActor, CurrentPrincipal, SettingsDep, UowDep
+from services.api.schemas import (
+    JSON,
+    MSGPACK,
+    ErrorOut,
+    ModelOut,
+    TensorSpecOut,
+    payload_format,
+    read_tensor_document,
+    wants_json,
+    weights_as_json,
+)
+from shared.db.models import Model
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+_TENSOR_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": '`{"tensors": {name: {"dtype", "shape", "data"}}, "name"?}`; data raw (msgpack) '
+        "or base64 (JSON)",
+        "content": {
+            MSGPACK: {"schema": {"type": "string", "format": "binary"}},
+            JSON: {"schema": {"type": "object"}},
+        },
+    }
+}
+
+
+def model_out(model: Model) -> ModelOut:
+    """A model row as the API shows it."""
+    return ModelOut(
+        id=model.id,
+        name=model.name,
+        digest=model.digest,
+        size_bytes=model.size_bytes,
+        spec={
+            name: TensorSpecOut(dtype=dtype, shape=list(shape)) for name, (dtype, shape) in model.spec.items()
+        },
+        training_id=model.training_id,
+        round=model.round,
+        created_at=model.created_at,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=_TENSOR_BODY,
+    responses={415: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+)
+async def upload_model(
+    request: Request, actor: CurrentActor, uow: UowDep, blobs: BlobsDep, settings: SettingsDep
+) -> ModelOut:
+    """Upload a model (msgpack or JSON+base64); it is checked and stored in its canonical encoding."""
+    fmt = payload_format(request.headers.get("content-type"))
+    doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
+    model = await service.upload_model(uow, blobs, actor.id, doc)
+    return model_out(model)
+
+
+@router.get("/{model_id}")
+async def get_model(model_id: UUID, principal: CurrentPrincipal, uow: UowDep) -> ModelOut:
+    """A model's metadata: any model for actors, their trainings' models for clients."""
+    return model_out(await service.visible_model(uow.session, model_id, principal))
+
+
+@router.get(
+    "/{model_id}/weights",
+    response_class=Response,
+    responses={200: {"content": {MSGPACK: {}, JSON: {}}, "description": "the tensor payload"}},
+)
+async def get_weights(
+    model_id: UUID, request: Request, principal: CurrentPrincipal, uow: UowDep, blobs: BlobsDep
+) -> Response:
+    """A model's tensors: the stored msgpack bytes as they are, or JSON+base64 when JSON is accepted."""
+    blob = await service.model_weights(uow.session, blobs, model_id, principal)
+    if not wants_json(request.headers.get("accept")):
+        return Response(blob, media_type=MSGPACK)
+    body = await service.offload(len(blob), weights_as_json, blob)
+    return Response(body, media_type=JSON)

@@ -1,0 +1,81 @@
+"""Client reports: model updates and test metrics, each accepted once per client and round."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Request, Response, status
+
+from services.api import service
+from services.api.deps import BlobsDep, CurrentClient, SettingsDep, UowDep
+from services.api.schemas import (
+    JSON,
+    MSGPACK,
+    ErrorOut,
+    MetricsAccepted,
+    UpdateAccepted,
+    payload_format,
+    read_tensor_document,
+)
+
+router = APIRouter(prefix="/v1/trainings/{training_id}", tags=["updates"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 403, 404, 409, 413, 415, 422)
+}
+_UPDATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": '`{"tensors": {...}, "round": int, "num_examples": int, "metrics"?: {str: number}}`',
+        "content": {
+            MSGPACK: {"schema": {"type": "string", "format": "binary"}},
+            JSON: {"schema": {"type": "object"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/updates",
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=_UPDATE_BODY,
+    responses={200: {"model": UpdateAccepted, "description": "a repeat: the first update"}, **_ERRORS},
+)
+async def upload_update(
+    training_id: UUID,
+    request: Request,
+    response: Response,
+    client: CurrentClient,
+    uow: UowDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+) -> UpdateAccepted:
+    """Upload this client's model update for the open round (201), or learn the first one's id (200)."""
+    fmt = payload_format(request.headers.get("content-type"))
+    client_id = client.id
+    training = await service.participant_training(uow.session, training_id, client_id)
+    doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
+    receipt = await service.receive_update(uow, blobs, training, client_id, doc)
+    if receipt.duplicate:
+        response.status_code = status.HTTP_200_OK
+    return UpdateAccepted(update_id=receipt.update_id, round=receipt.round, duplicate=receipt.duplicate)
+
+
+@router.post(
+    "/test-metrics",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": MetricsAccepted, "description": "a repeat"}, **_ERRORS},
+)
+async def report_test_metrics(
+    training_id: UUID,
+    report: Annotated[dict[str, Any], Body(description='`{"round", "num_examples", "metrics"}`')],
+    response: Response,
+    client: CurrentClient,
+    uow: UowDep,
+) -> MetricsAccepted:
+    """Report this client's evaluation of the round's model while the round is testing."""
+    receipt = await service.receive_test_metrics(uow, training_id, client.id, report)
+    if receipt.duplicate:
+        response.status_code = status.HTTP_200_OK
+    return MetricsAccepted(round=receipt.round, duplicate=receipt.duplicate)

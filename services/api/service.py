@@ -1,0 +1,626 @@
+"""What the API does, given the request's unit of work: rows, outbox messages and named errors."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ParamSpec, Self, TypeVar
+from uuid import UUID, uuid4, uuid5
+
+import structlog
+from sqlalchemy import Insert, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.api.errors import ValidationError
+from services.api.schemas import OFFLOAD_BYTES, TensorDocument, TrainingCreate
+from shared.auth import hash_token, new_token
+from shared.blobs import BlobStore, content_key, update_key
+from shared.codec import TensorRecord, encode_tensors
+from shared.db.models import (
+    ClientUpdate,
+    Model,
+    OutboxMessage,
+    Participant,
+    Principal,
+    TestMetric,
+    Training,
+    TrainingRound,
+)
+from shared.db.uow import UnitOfWork, UnitOfWorkFactory
+from shared.enums import Role, RoundPhase, TrainingState
+from shared.errors import (
+    IllegalTransition,
+    MalformedPayload,
+    NonFiniteValues,
+    NotAParticipant,
+    NotFound,
+    RoundClosed,
+)
+from shared.events import StartTraining, TestMetricsReceived, UpdateReceived
+from shared.tensors import TensorSpec, check_against_spec, first_non_finite
+
+log = structlog.get_logger(component="api")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_START_NAMESPACE = UUID("0b7e6f0e-2a43-4c1f-8d55-3f0f3d9b6c21")
+_MAX_NAME = 200
+
+
+# --- the request's unit of work -------------------------------------------------------------------
+
+
+class RequestUnitOfWork(UnitOfWork):
+    """The unit of work of one request: it also undoes outside effects (written blobs) on rollback.
+
+    A blob is written before the row that names it commits; if that transaction then fails, at the
+    boundary or before, the blob must go too, or a refused request would leave bytes behind.
+    """
+
+    def __init__(self, factory: UnitOfWorkFactory) -> None:
+        super().__init__(factory.sessions, factory.on_commit)
+        self.sessions: async_sessionmaker[AsyncSession] = factory.sessions
+        self._undo: list[Callable[[], Awaitable[None]]] = []
+
+    async def __aenter__(self) -> Self:
+        self._undo = []
+        return await super().__aenter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        undo, self._undo = self._undo, []
+        try:
+            await super().__aexit__(exc_type, exc, tb)
+        except BaseException:
+            await _run_undo(undo)
+            raise
+        if exc_type is not None:
+            await _run_undo(undo)
+
+    def undo_on_rollback(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` if this transaction does not commit."""
+        self._undo.append(callback)
+
+
+async def _run_undo(callbacks: Iterable[Callable[[], Awaitable[None]]]) -> None:
+    for callback in reversed(list(callbacks)):
+        try:
+            await callback()
+        except Exception as exc:  # best effort: the original failure is what the caller must see
+            log.warning("request.undo_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+async def offload(size: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run CPU work on a payload of `size` bytes in a thread when it is large enough to stall the loop."""
+    if size > OFFLOAD_BYTES:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+# --- principals -----------------------------------------------------------------------------------
+
+
+async def create_principal(uow: UnitOfWork, name: str, role: Role) -> tuple[Principal, str]:
+    """Create a client or actor; return it with its token (only the token's hash is stored)."""
+    token = new_token()
+    principal = Principal(id=uuid4(), name=name, role=role, token_hash=hash_token(token))
+    uow.session.add(principal)
+    await uow.session.flush()
+    log.info("principal.created", principal_id=str(principal.id), role=role.value)
+    return principal, token
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+async def upload_model(
+    uow: RequestUnitOfWork, blobs: BlobStore, owner_id: UUID, doc: TensorDocument
+) -> Model:
+    """Check an uploaded model, store its canonical encoding content-addressed and record it."""
+    name = doc.fields.get("name") or ""
+    if not isinstance(name, str) or len(name) > _MAX_NAME:
+        raise MalformedPayload(f"'name' must be a string of at most {_MAX_NAME} characters")
+    records, data = await offload(doc.size, _canonical_model, doc)
+    key, digest = content_key(data)
+    if await blobs.put(key, data):
+        uow.undo_on_rollback(lambda: _drop_unreferenced_model_blob(uow.sessions, blobs, key))
+    model = Model(
+        id=uuid4(),
+        name=name,
+        owner_id=owner_id,
+        blob_key=key,
+        digest=digest,
+        size_bytes=len(data),
+        spec={r.name: [r.dtype, list(r.shape)] for r in records},
+        training_id=None,
+        round=None,
+    )
+    uow.session.add(model)
+    await uow.session.flush()
+    log.info("model.uploaded", model_id=str(model.id), digest=digest, size_bytes=len(data))
+    return model
+
+
+def _canonical_model(doc: TensorDocument) -> tuple[list[TensorRecord], bytes]:
+    records = doc.records()
+    bad = first_non_finite(records)
+    if bad is not None:
+        raise NonFiniteValues(f"tensor {bad!r} holds NaN or Inf values")
+    return records, encode_tensors(records)
+
+
+async def _drop_unreferenced_model_blob(
+    sessions: async_sessionmaker[AsyncSession], blobs: BlobStore, key: str
+) -> None:
+    # Content-addressed: an identical upload may have committed a row naming these bytes meanwhile.
+    async with sessions() as session:
+        if await session.scalar(select(Model.id).where(Model.blob_key == key).limit(1)) is None:
+            await blobs.delete(key)
+
+
+async def visible_model(session: AsyncSession, model_id: UUID, principal: Principal) -> Model:
+    """A model the caller may read: actors read any; clients those of trainings they take part in."""
+    model = await session.get(Model, model_id)
+    if model is None or not await _may_read_model(session, model, principal):
+        raise NotFound(f"model {model_id} does not exist")
+    return model
+
+
+async def _may_read_model(session: AsyncSession, model: Model, principal: Principal) -> bool:
+    if principal.role == Role.ACTOR:
+        return True
+    related = [Training.initial_model_id == model.id, Training.current_model_id == model.id]
+    if model.training_id is not None:
+        related.append(Training.id == model.training_id)
+    found = await session.scalar(
+        select(Participant.training_id)
+        .join(Training, Training.id == Participant.training_id)
+        .where(Participant.client_id == principal.id, or_(*related))
+        .limit(1)
+    )
+    return found is not None
+
+
+async def model_weights(
+    session: AsyncSession, blobs: BlobStore, model_id: UUID, principal: Principal
+) -> bytes:
+    """The stored canonical msgpack bytes of a model the caller may read."""
+    model = await visible_model(session, model_id, principal)
+    return await blobs.get(model.blob_key)
+
+
+# --- trainings ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingView:
+    """A training with its participants and who has reported for the current round."""
+
+    training: Training
+    participants: list[UUID]
+    uploaded: list[UUID]
+    tested: list[UUID]
+
+
+@dataclass(frozen=True, slots=True)
+class RoundView:
+    """One round's row with the example-weighted means of its clients' metrics."""
+
+    row: TrainingRound
+    train_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+
+
+async def create_training(uow: UnitOfWork, owner_id: UUID, body: TrainingCreate) -> TrainingView:
+    """Create an INITIAL training over an existing model and existing clients."""
+    session = uow.session
+    clients = list(body.clients)
+    repeated = sorted({str(c) for c in clients if clients.count(c) > 1})
+    if repeated:
+        raise ValidationError(f"clients listed more than once: {', '.join(repeated)}")
+    min_clients = len(clients) if body.min_clients is None else body.min_clients
+    if min_clients > len(clients):
+        raise ValidationError(f"min_clients {min_clients} exceeds the {len(clients)} clients listed")
+    if await session.get(Model, body.model_id) is None:
+        raise NotFound(f"model {body.model_id} does not exist")
+    known = set(
+        await session.scalars(
+            select(Principal.id).where(Principal.id.in_(clients), Principal.role == Role.CLIENT)
+        )
+    )
+    unknown = [str(c) for c in clients if c not in known]
+    if unknown:
+        raise NotFound(f"unknown client ids: {', '.join(unknown)}")
+    training = Training(
+        id=uuid4(),
+        owner_id=owner_id,
+        initial_model_id=body.model_id,
+        current_model_id=body.model_id,
+        aggregation=body.aggregation.value,
+        rounds=body.rounds,
+        min_clients=min_clients,
+        round_timeout_s=body.round_timeout_s,
+        skip_model_tests=body.skip_model_tests,
+        model_test_after_each_round=body.model_test_after_each_round,
+        delete_local_models_after_aggregation=body.delete_local_models_after_aggregation,
+        state=TrainingState.INITIAL,
+        phase=None,
+        round=0,
+    )
+    session.add(training)
+    # No ORM relationship orders these inserts, and the participants' foreign key needs the training.
+    await session.flush()
+    session.add_all(Participant(training_id=training.id, client_id=c) for c in clients)
+    await session.flush()
+    log.info("training.created", training_id=str(training.id), clients=len(clients), rounds=body.rounds)
+    return TrainingView(training, participants=sorted(clients, key=str), uploaded=[], tested=[])
+
+
+async def visible_training(session: AsyncSession, training_id: UUID, principal: Principal) -> Training:
+    """A training its owner or one of its participants asks about; anyone else gets `NotFound`."""
+    training = await session.get(Training, training_id)
+    if training is not None and (
+        training.owner_id == principal.id or await _is_participant(session, training_id, principal.id)
+    ):
+        return training
+    raise NotFound(f"training {training_id} does not exist")
+
+
+async def _is_participant(session: AsyncSession, training_id: UUID, client_id: UUID) -> bool:
+    found = await session.scalar(
+        select(Participant.client_id).where(
+            Participant.training_id == training_id, Participant.client_id == client_id
+        )
+    )
+    return found is not None
+
+
+async def training_view(session: AsyncSession, training: Training) -> TrainingView:
+    """The training with its participants and the current round's reporters (one query each)."""
+    participants = await session.scalars(
+        select(Participant.client_id).where(Participant.training_id == training.id)
+    )
+    uploaded = await session.scalars(
+        select(ClientUpdate.client_id).where(
+            ClientUpdate.training_id == training.id, ClientUpdate.round == training.round
+        )
+    )
+    tested = await session.scalars(
+        select(TestMetric.client_id).where(
+            TestMetric.training_id == training.id, TestMetric.round == training.round
+        )
+    )
+    return TrainingView(
+        training,
+        participants=sorted(participants, key=str),
+        uploaded=sorted(uploaded, key=str),
+        tested=sorted(tested, key=str),
+    )
+
+
+def start_message_id(training_id: UUID) -> UUID:
+    """The message id of a training's one `StartTraining`: consumers' inboxes drop any repeat."""
+    return uuid5(_START_NAMESPACE, str(training_id))
+
+
+async def request_start(uow: UnitOfWork, training_id: UUID, actor: Principal) -> TrainingView:
+    """Ask the orchestrator to start an INITIAL training; only its owner may."""
+    session = uow.session
+    training = await session.get(Training, training_id)
+    if training is None or training.owner_id != actor.id:
+        raise NotFound(f"training {training_id} does not exist")
+    if training.state != TrainingState.INITIAL:
+        raise IllegalTransition(
+            f"training {training_id} is {training.state.value}; only an INITIAL training can be started"
+        )
+    message_id = start_message_id(training_id)
+    pending = await session.scalar(select(OutboxMessage.id).where(OutboxMessage.message_id == message_id))
+    if pending is not None:
+        raise IllegalTransition(f"training {training_id}: a start was already requested and is pending")
+    uow.emit(StartTraining(training_id=training_id, requested_by=actor.id), message_id=message_id)
+    log.info("training.start_requested", training_id=str(training_id), requested_by=str(actor.id))
+    return await training_view(session, training)
+
+
+async def round_summaries(session: AsyncSession, training: Training) -> list[RoundView]:
+    """Every round of a training with the example-weighted means of its train and test metrics."""
+    rows = await session.scalars(
+        select(TrainingRound).where(TrainingRound.training_id == training.id).order_by(TrainingRound.round)
+    )
+    train = await session.execute(
+        select(ClientUpdate.round, ClientUpdate.num_examples, ClientUpdate.metrics).where(
+            ClientUpdate.training_id == training.id
+        )
+    )
+    test = await session.execute(
+        select(TestMetric.round, TestMetric.num_examples, TestMetric.metrics).where(
+            TestMetric.training_id == training.id
+        )
+    )
+    train_by_round = _by_round(train)
+    test_by_round = _by_round(test)
+    return [
+        RoundView(
+            row,
+            train_metrics=weighted_means(train_by_round.get(row.round, [])),
+            test_metrics=weighted_means(test_by_round.get(row.round, [])),
+        )
+        for row in rows
+    ]
+
+
+def _by_round(rows: Iterable[Any]) -> dict[int, list[tuple[int, Mapping[str, Any]]]]:
+    grouped: dict[int, list[tuple[int, Mapping[str, Any]]]] = defaultdict(list)
+    for round_, num_examples, metrics in rows:
+        grouped[round_].append((num_examples, metrics or {}))
+    return grouped
+
+
+def weighted_means(reports: Iterable[tuple[int, Mapping[str, Any]]]) -> dict[str, float]:
+    """Per metric, the mean over reports weighted by their example counts.
+
+    ``mean_k = sum_i n_i * m_ik / sum_i n_i`` over the reports that carry metric ``k``; when those
+    reports count no examples at all, the plain mean.
+    """
+    weighted: dict[str, float] = defaultdict(float)
+    weights: dict[str, int] = defaultdict(int)
+    plain: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for n, metrics in reports:
+        for key, value in metrics.items():
+            if not _is_number(value):
+                continue
+            weighted[key] += n * value
+            weights[key] += n
+            plain[key] += value
+            counts[key] += 1
+    return {
+        key: weighted[key] / weights[key] if weights[key] > 0 else plain[key] / counts[key]
+        for key in sorted(counts)
+    }
+
+
+# --- updates and test metrics ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a client's test report produced: whether it repeated an earlier one."""
+
+    round: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateReceipt:
+    """What an update upload produced: the update's id (the first one's, for a repeat)."""
+
+    update_id: UUID
+    round: int
+    duplicate: bool
+
+
+async def participant_training(session: AsyncSession, training_id: UUID, client_id: UUID) -> Training:
+    """The training a client reports to: it must exist and the client must take part in it."""
+    training = await session.get(Training, training_id)
+    if training is None:
+        raise NotFound(f"training {training_id} does not exist")
+    if not await _is_participant(session, training_id, client_id):
+        raise NotAParticipant(f"client {client_id} is not a participant of training {training_id}")
+    return training
+
+
+async def receive_update(
+    uow: RequestUnitOfWork, blobs: BlobStore, training: Training, client_id: UUID, doc: TensorDocument
+) -> UpdateReceipt:
+    """Accept a client's update for the open round, all or nothing; a repeat answers the first one."""
+    session = uow.session
+    training_id = training.id
+    round_ = _integer(doc.fields, "round", minimum=None)
+    existing = await _existing_update(session, training_id, round_, client_id)
+    if existing is not None:
+        return UpdateReceipt(update_id=existing, round=round_, duplicate=True)
+    _require_open(training_id, training.state, training.phase, training.round, round_, RoundPhase.COLLECTING)
+    num_examples = _integer(doc.fields, "num_examples", minimum=1)
+    metrics = _metrics(doc.fields.get("metrics"))
+    model = await session.get(Model, training.current_model_id)
+    if model is None:
+        raise NotFound(f"model {training.current_model_id} of training {training_id} does not exist")
+    data = await offload(doc.size, _canonical_update, doc, _spec(model.spec))
+    update_id = uuid4()
+    key = update_key(update_id)
+    await blobs.put(key, data)
+    uow.undo_on_rollback(lambda: blobs.delete(key))
+    inserted = await session.scalar(
+        _insert_unless_present(
+            session,
+            ClientUpdate,
+            {
+                "id": update_id,
+                "training_id": training_id,
+                "round": round_,
+                "client_id": client_id,
+                "blob_key": key,
+                "digest": content_key(data)[1],
+                "num_examples": num_examples,
+                "metrics": metrics,
+            },
+        ).returning(ClientUpdate.id)
+    )
+    if inserted is None:
+        # A concurrent upload by the same client for this round committed first: answer with it.
+        await blobs.delete(key)
+        log.info(
+            "update.duplicate_raced", training_id=str(training_id), round=round_, client_id=str(client_id)
+        )
+        first = await _existing_update(session, training_id, round_, client_id)
+        if first is None:
+            raise RoundClosed(f"training {training_id}: the update for round {round_} could not be recorded")
+        return UpdateReceipt(update_id=first, round=round_, duplicate=True)
+    await _recheck_open(session, training_id, round_, RoundPhase.COLLECTING)
+    uow.emit(
+        UpdateReceived(
+            training_id=training_id,
+            round=round_,
+            client_id=client_id,
+            update_id=update_id,
+            num_examples=num_examples,
+        )
+    )
+    log.info(
+        "update.received",
+        training_id=str(training_id),
+        round=round_,
+        client_id=str(client_id),
+        update_id=str(update_id),
+        size_bytes=len(data),
+    )
+    return UpdateReceipt(update_id=update_id, round=round_, duplicate=False)
+
+
+def _canonical_update(doc: TensorDocument, spec: TensorSpec) -> bytes:
+    records = doc.records()
+    check_against_spec(records, spec)
+    position = {name: i for i, name in enumerate(spec)}
+    return encode_tensors(sorted(records, key=lambda r: position[r.name]))
+
+
+async def receive_test_metrics(
+    uow: UnitOfWork, training_id: UUID, client_id: UUID, report: Mapping[str, Any]
+) -> Receipt:
+    """Record a client's evaluation of the round's model while the round is testing."""
+    session = uow.session
+    training = await participant_training(session, training_id, client_id)
+    round_ = _integer(report, "round", minimum=None)
+    if await _existing_test_metric(session, training_id, round_, client_id):
+        return Receipt(round=round_, duplicate=True)
+    _require_open(training_id, training.state, training.phase, training.round, round_, RoundPhase.TESTING)
+    num_examples = _integer(report, "num_examples", minimum=0)
+    metrics = _metrics(report.get("metrics"))
+    inserted = await session.scalar(
+        _insert_unless_present(
+            session,
+            TestMetric,
+            {
+                "id": uuid4(),
+                "training_id": training_id,
+                "round": round_,
+                "client_id": client_id,
+                "num_examples": num_examples,
+                "metrics": metrics,
+            },
+        ).returning(TestMetric.id)
+    )
+    if inserted is None:
+        return Receipt(round=round_, duplicate=True)
+    await _recheck_open(session, training_id, round_, RoundPhase.TESTING)
+    uow.emit(
+        TestMetricsReceived(
+            training_id=training_id, round=round_, client_id=client_id, num_examples=num_examples
+        )
+    )
+    log.info("test_metrics.received", training_id=str(training_id), round=round_, client_id=str(client_id))
+    return Receipt(round=round_, duplicate=False)
+
+
+async def _existing_update(
+    session: AsyncSession, training_id: UUID, round_: int, client_id: UUID
+) -> UUID | None:
+    return await session.scalar(
+        select(ClientUpdate.id).where(
+            ClientUpdate.training_id == training_id,
+            ClientUpdate.round == round_,
+            ClientUpdate.client_id == client_id,
+        )
+    )
+
+
+async def _existing_test_metric(
+    session: AsyncSession, training_id: UUID, round_: int, client_id: UUID
+) -> bool:
+    found = await session.scalar(
+        select(TestMetric.id).where(
+            TestMetric.training_id == training_id,
+            TestMetric.round == round_,
+            TestMetric.client_id == client_id,
+        )
+    )
+    return found is not None
+
+
+def _require_open(
+    training_id: UUID,
+    state: TrainingState,
+    phase: RoundPhase | None,
+    open_round: int,
+    round_: int,
+    needed: RoundPhase,
+) -> None:
+    if state == TrainingState.ONGOING and phase == needed and open_round == round_:
+        return
+    raise RoundClosed(
+        f"training {training_id}: round {round_} does not accept this now "
+        f"(open round {open_round}, phase {phase.value if phase else 'none'}, state {state.value}; "
+        f"needs phase {needed.value})"
+    )
+
+
+async def _recheck_open(session: AsyncSession, training_id: UUID, round_: int, needed: RoundPhase) -> None:
+    # The orchestrator may have closed the round since the first check. On PostgreSQL the shared lock
+    # holds its transition back until this one commits, so it then counts this row; on SQLite this
+    # transaction already holds the write lock, so the read is current.
+    state, phase, open_round = (
+        await session.execute(
+            select(Training.state, Training.phase, Training.round)
+            .where(Training.id == training_id)
+            .with_for_update(read=True)
+        )
+    ).one()
+    _require_open(training_id, state, phase, open_round, round_, needed)
+
+
+def _insert_unless_present(session: AsyncSession, table: type[Any], values: dict[str, Any]) -> Insert:
+    """An INSERT that does nothing when the row's (training, round, client) is already there."""
+    dialect = session.get_bind().dialect.name
+    keys = ["training_id", "round", "client_id"]
+    if dialect == "postgresql":
+        return postgresql.insert(table).values(values).on_conflict_do_nothing(index_elements=keys)
+    if dialect == "sqlite":
+        return sqlite.insert(table).values(values).on_conflict_do_nothing(index_elements=keys)
+    raise NotImplementedError(f"fedhub does not support the {dialect} database")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(fields: Mapping[str, Any], name: str, *, minimum: int | None) -> int:
+    value = fields.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise MalformedPayload(f"'{name}' must be an integer{bound}, got {value!r}")
+    return value
+
+
+def _metrics(raw: object) -> dict[str, float | int]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise MalformedPayload(f"'metrics' must be a map of name -> number, got {type(raw).__name__}")
+    for key, value in raw.items():
+        if not isinstance(key, str) or not key:
+            raise MalformedPayload(f"metric name {key!r} must be a non-empty string")
+        if not _is_number(value):
+            raise MalformedPayload(f"metric {key!r} must be a finite number, got {value!r}")
+    return dict(raw)
+
+
+def _spec(stored: Mapping[str, Any]) -> TensorSpec:
+    return {name: (str(dtype), tuple(int(d) for d in shape)) for name, (dtype, shape) in stored.items()}

@@ -1,0 +1,19 @@
+"""Settings of the HTTP API, read from `FEDHUB_*` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import CommonSettings
+
+
+class ApiSettings(CommonSettings):
+    """The API's settings: the bootstrap admin token, the upload limit and where to listen."""
+
+    admin_token: str = Field(min_length=1, description="token of the bootstrap actor (FEDHUB_ADMIN_TOKEN)")
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="largest accepted request body")
+    host: str = Field(default="127.0.0.1", description="interface the standalone server binds")
+    port: int = Field(default=8000, ge=0, le=65535, description="port the standalone server listens on")
+    create_tables: bool = Field(
+        default=False, description="create missing tables at start (SQLite, development); else migrate"
+    )

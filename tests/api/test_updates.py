@@ -1,0 +1,481 @@
+"""Update uploads and test-metric reports: the happy path, every refusal, and idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+import pytest
+import structlog.testing
+from sqlalchemy.exc import IntegrityError
+
+from services.api.service import RequestUnitOfWork
+from shared import events
+from shared.codec import decode_tensors, encode_tensors, packb, tensor_map
+from shared.db import models as db
+from shared.db.models import Principal as PrincipalRow
+from shared.enums import Role, RoundPhase, TrainingState
+from shared.events import UpdateReceived
+from tests.api.conftest import World
+from tests.api.helpers import (
+    BF16_INF,
+    BF16_NAN,
+    MSGPACK,
+    blob_files,
+    json_body,
+    json_tensors,
+    model_tensors,
+    msgpack_body,
+    record,
+)
+
+
+def updates_url(world: World) -> str:
+    """The update route of the world's training."""
+    return f"/v1/trainings/{world.training_id}/updates"
+
+
+async def test_update_is_stored_recorded_and_announced(world: World) -> None:
+    """A valid update: 201, one row, its canonical bytes under update/<id>, one UpdateReceived."""
+    fedhub = world.fedhub
+    tensors = model_tensors(scale=2.0)
+    shuffled = [tensors[n] for n in ("steps", "g", "h", "b", "w")]
+    resp = await fedhub.http.post(
+        updates_url(world),
+        content=msgpack_body(shuffled, round=1, num_examples=25, metrics={"loss": 0.5}),
+        headers={**world.alice.headers, "Content-Type": MSGPACK},
+    )
+    assert resp.status_code == 201, resp.text
+    answer = resp.json()
+    assert answer["round"] == 1
+    assert answer["duplicate"] is False
+    update_id = UUID(answer["update_id"])
+
+    async with fedhub.runtime.uow() as uow:
+        row = await uow.session.get(db.ClientUpdate, update_id)
+    assert row is not None
+    assert (row.round, row.num_examples, row.metrics) == (1, 25, {"loss": 0.5})
+    assert str(row.client_id) == world.alice.id
+    stored = (fedhub.blob_root / "update" / str(update_id)).read_bytes()
+    # Canonical: the model's tensor order, whatever order the client sent.
+    assert stored == encode_tensors(tensors.values())
+    assert [r.name for r in decode_tensors(stored)] == list(tensors)
+
+    assert await fedhub.published(UpdateReceived) == [
+        UpdateReceived(
+            training_id=UUID(world.training_id),
+            round=1,
+            client_id=UUID(world.alice.id),
+            update_id=update_id,
+            num_examples=25,
+        )
+    ]
+    training = (await fedhub.http.get(f"/v1/trainings/{world.training_id}", headers=world.bob.headers)).json()
+    assert training["uploaded"] == [world.alice.id]
+
+
+async def test_json_base64_update_is_accepted(world: World) -> None:
+    """The JSON+base64 form of the same tensors is accepted and stored in the same canonical bytes."""
+    fedhub = world.fedhub
+    resp = await fedhub.http.post(
+        updates_url(world),
+        content=json_body(model_tensors(), round=1, num_examples=3),
+        headers={**world.bob.headers, "Content-Type": "application/json"},
+    )
+    assert resp.status_code == 201, resp.text
+    stored = (fedhub.blob_root / "update" / resp.json()["update_id"]).read_bytes()
+    assert stored == encode_tensors(model_tensors().values())
+
+
+def _replace(name: str, new: Any) -> Callable[[dict[str, Any]], None]:
+    def change(tensors: dict[str, Any]) -> None:
+        tensors[name] = new
+
+    return change
+
+
+def _drop(name: str) -> Callable[[dict[str, Any]], None]:
+    def change(tensors: dict[str, Any]) -> None:
+        del tensors[name]
+
+    return change
+
+
+@dataclass
+class Bad:
+    """One refused upload: how the request differs from a valid one and what the answer must say."""
+
+    status: int
+    error: str
+    needles: tuple[str, ...]
+    tensors: Callable[[dict[str, Any]], None] | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    raw: bytes | None = None
+    content_type: str = MSGPACK
+    who: str = "alice"
+
+
+BAD_UPLOADS = {
+    "not-msgpack": Bad(400, "MalformedPayload", ("not valid msgpack",), raw=b"\xc1\xc1 garbage"),
+    "not-a-map": Bad(400, "MalformedPayload", ("must be a msgpack map",), raw=b"\x93\x01\x02\x03"),
+    "unknown-name": Bad(
+        422,
+        "TensorSpecMismatch",
+        ("unknown tensor names: extra",),
+        tensors=_replace("extra", record("extra", np.zeros(1, np.float32))),
+    ),
+    "missing-name": Bad(422, "TensorSpecMismatch", ("missing tensor names: b",), tensors=_drop("b")),
+    "wrong-shape": Bad(
+        422,
+        "TensorSpecMismatch",
+        ("'w'", "shape [3, 2]", "[2, 3]"),
+        tensors=_replace("w", record("w", np.zeros((3, 2), np.float32))),
+    ),
+    "wrong-dtype": Bad(
+        422,
+        "TensorSpecMismatch",
+        ("'b'", "float64", "float32"),
+        tensors=_replace("b", record("b", np.zeros(3, np.float64))),
+    ),
+    "nan-float32": Bad(
+        422,
+        "NonFiniteValues",
+        ("'w'",),
+        tensors=_replace("w", record("w", np.array([[0, 1, np.nan], [0, 0, 0]], np.float32))),
+    ),
+    "inf-float32": Bad(
+        422,
+        "NonFiniteValues",
+        ("'b'",),
+        tensors=_replace("b", record("b", np.array([0, -np.inf, 0], np.float32))),
+    ),
+    "inf-float16": Bad(
+        422,
+        "NonFiniteValues",
+        ("'h'",),
+        tensors=_replace("h", record("h", np.array([1, 1, np.inf, 1], np.float16))),
+    ),
+    "nan-bfloat16": Bad(
+        422,
+        "NonFiniteValues",
+        ("'g'",),
+        tensors=_replace("g", record("g", np.array([0x3F80, BF16_NAN], np.uint16), dtype="bfloat16")),
+    ),
+    "inf-bfloat16": Bad(
+        422,
+        "NonFiniteValues",
+        ("'g'",),
+        tensors=_replace("g", record("g", np.array([BF16_INF, 0x3F80], np.uint16), dtype="bfloat16")),
+    ),
+    "unsupported-dtype": Bad(
+        400,
+        "UnsupportedDtype",
+        ("complex64",),
+        tensors=_replace("b", {"dtype": "complex64", "shape": [3], "data": b"\0" * 24}),
+    ),
+    "short-data": Bad(
+        400,
+        "MalformedPayload",
+        ("'w'", "expected 24"),
+        tensors=_replace("w", {"dtype": "float32", "shape": [2, 3], "data": b"\0" * 8}),
+    ),
+    "wrong-round": Bad(409, "RoundClosed", ("round 2", "open round 1", "COLLECTING"), fields={"round": 2}),
+    "no-round": Bad(400, "MalformedPayload", ("'round'",), fields={"round": None}),
+    "zero-examples": Bad(400, "MalformedPayload", ("'num_examples'",), fields={"num_examples": 0}),
+    "bool-examples": Bad(400, "MalformedPayload", ("'num_examples'",), fields={"num_examples": True}),
+    "text-metric": Bad(400, "MalformedPayload", ("'loss'",), fields={"metrics": {"loss": "low"}}),
+    "bad-base64": Bad(
+        400,
+        "MalformedPayload",
+        ("'w'", "base64"),
+        tensors=_replace("w", {"dtype": "float32", "shape": [2, 3], "data": "not*base64!"}),
+        content_type="application/json",
+    ),
+    "content-type": Bad(415, "UnsupportedMediaType", ("text/csv",), content_type="text/csv"),
+    "no-content-type": Bad(415, "UnsupportedMediaType", ("(none)",), content_type=""),
+    "not-a-participant": Bad(403, "NotAParticipant", ("is not a participant",), who="outsider"),
+    "no-auth": Bad(401, "Unauthenticated", ("Authorization",), who="nobody"),
+    "actor-token": Bad(403, "Forbidden", ("client role",), who="admin"),
+}
+
+
+def _bad_request(world: World, bad: Bad) -> tuple[bytes, dict[str, str]]:
+    tensors: dict[str, Any] = dict(model_tensors())
+    if bad.tensors is not None:
+        bad.tensors(tensors)
+    fields = {"round": 1, "num_examples": 10, "metrics": {"loss": 1.0}, **bad.fields}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if bad.raw is not None:
+        content = bad.raw
+    elif bad.content_type == "application/json":
+        json_map = {n: (t if isinstance(t, dict) else json_tensors([t])[n]) for n, t in tensors.items()}
+        content = json.dumps({"tensors": json_map, **fields}).encode()
+    else:
+        wire = {n: (t if isinstance(t, dict) else tensor_map([t])[n]) for n, t in tensors.items()}
+        content = packb({"tensors": wire, **fields})
+    principals = {
+        "alice": world.alice,
+        "outsider": world.outsider,
+        "admin": world.fedhub.admin,
+    }
+    headers = dict(principals[bad.who].headers) if bad.who in principals else {}
+    if bad.content_type:
+        headers["Content-Type"] = bad.content_type
+    return content, headers
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+async def test_bad_upload_is_refused_and_leaves_nothing(world: World, case: str) -> None:
+    """Each bad upload gets its named 4xx and leaves no row, no new blob file and no UpdateReceived."""
+    fedhub, bad = world.fedhub, BAD_UPLOADS[case]
+    content, headers = _bad_request(world, bad)
+    files_before = blob_files(fedhub.blob_root)
+
+    resp = await fedhub.http.post(updates_url(world), content=content, headers=headers)
+
+    assert resp.status_code == bad.status, resp.text
+    body = resp.json()
+    assert body["error"] == bad.error
+    for needle in bad.needles:
+        assert needle in body["detail"], (needle, body["detail"])
+    assert await fedhub.count(db.ClientUpdate) == 0
+    assert blob_files(fedhub.blob_root) == files_before
+    assert await fedhub.published(UpdateReceived) == []
+
+
+async def test_upload_to_an_unknown_training_is_404(world: World) -> None:
+    """A training that does not exist is named in a 404."""
+    ghost = "7b0c2f5e-1111-4222-8333-944455556666"
+    resp = await world.fedhub.http.post(
+        f"/v1/trainings/{ghost}/updates",
+        content=msgpack_body(model_tensors(), round=1, num_examples=1),
+        headers={**world.alice.headers, "Content-Type": MSGPACK},
+    )
+    assert resp.status_code == 404
+    assert ghost in resp.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("state", "phase"),
+    [
+        (TrainingState.ONGOING, RoundPhase.AGGREGATING),
+        (TrainingState.ONGOING, RoundPhase.TESTING),
+        (TrainingState.COMPLETED, None),
+        (TrainingState.INITIAL, None),
+    ],
+)
+async def test_upload_outside_collecting_is_round_closed(
+    world: World, state: TrainingState, phase: RoundPhase | None
+) -> None:
+    """Only an ONGOING training in COLLECTING takes updates, even for its current round number."""
+    fedhub = world.fedhub
+    await fedhub.set_round(world.training_id, state=state, phase=phase)
+    files_before = blob_files(fedhub.blob_root)
+    resp = await fedhub.http.post(
+        updates_url(world),
+        content=msgpack_body(model_tensors(), round=1, num_examples=1),
+        headers={**world.alice.headers, "Content-Type": MSGPACK},
+    )
+    assert resp.status_code == 409
+    assert resp.json()["error"] == "RoundClosed"
+    assert (phase.value if phase else "none") in resp.json()["detail"]
+    assert await fedhub.count(db.ClientUpdate) == 0
+    assert blob_files(fedhub.blob_root) == files_before
+
+
+async def test_round_closing_during_the_upload_leaves_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round closes while the blob is written: 409, and the blob, row and event are all undone."""
+    fedhub = world.fedhub
+    real_put = fedhub.runtime.blobs.put
+
+    async def put_then_close_round(key: str, data: bytes | memoryview) -> bool:
+        created = await real_put(key, data)
+        # The orchestrator's deadline fires right now.
+        await fedhub.set_round(world.training_id, phase=RoundPhase.AGGREGATING)
+        return created
+
+    monkeypatch.setattr(fedhub.runtime.blobs, "put", put_then_close_round)
+    files_before = blob_files(fedhub.blob_root)
+    resp = await fedhub.http.post(
+        updates_url(world),
+        content=msgpack_body(model_tensors(), round=1, num_examples=1),
+        headers={**world.alice.headers, "Content-Type": MSGPACK},
+    )
+    assert resp.status_code == 409
+    assert resp.json()["error"] == "RoundClosed"
+    assert "AGGREGATING" in resp.json()["detail"]
+    assert await fedhub.count(db.ClientUpdate) == 0
+    assert blob_files(fedhub.blob_root) == files_before
+    assert await fedhub.published(UpdateReceived) == []
+
+
+async def test_repeated_upload_answers_the_first_update(world: World) -> None:
+    """The same client and round twice: 201 then 200 with the same id; one row, one blob, one event."""
+    fedhub = world.fedhub
+    headers = {**world.alice.headers, "Content-Type": MSGPACK}
+    first = await fedhub.http.post(
+        updates_url(world), content=msgpack_body(model_tensors(), round=1, num_examples=5), headers=headers
+    )
+    files_after_first = blob_files(fedhub.blob_root)
+    # The repeat differs (other weights, other count) and is still only a repeat.
+    second = await fedhub.http.post(
+        updates_url(world), content=msgpack_body(model_tensors(3.0), round=1, num_examples=9), headers=headers
+    )
+    assert first.status_code == 201
+    assert second.status_code == 200
+    assert second.json() == {"update_id": first.json()["update_id"], "round": 1, "duplicate": True}
+    assert await fedhub.count(db.ClientUpdate) == 1
+    assert blob_files(fedhub.blob_root) == files_after_first
+    assert len(await fedhub.published(UpdateReceived)) == 1
+
+
+async def test_repeat_is_answered_even_after_the_round_closed(world: World) -> None:
+    """A client retrying after the round moved on still learns its update was taken."""
+    fedhub = world.fedhub
+    headers = {**world.alice.headers, "Content-Type": MSGPACK}
+    body = msgpack_body(model_tensors(), round=1, num_examples=5)
+    first = await fedhub.http.post(updates_url(world), content=body, headers=headers)
+    await fedhub.set_round(world.training_id, phase=RoundPhase.AGGREGATING)
+    retry = await fedhub.http.post(updates_url(world), content=body, headers=headers)
+    assert retry.status_code == 200
+    assert retry.json()["update_id"] == first.json()["update_id"]
+
+
+async def test_concurrent_duplicates_keep_one_update(world: World) -> None:
+    """Two identical uploads at once: one 201, one 200 naming the same id; one row, one blob, one event."""
+    fedhub = world.fedhub
+    headers = {**world.alice.headers, "Content-Type": MSGPACK}
+    body = msgpack_body(model_tensors(), round=1, num_examples=5)
+    files_before = blob_files(fedhub.blob_root)
+    with structlog.testing.capture_logs() as logs:
+        answers = await asyncio.gather(
+            *(fedhub.http.post(updates_url(world), content=body, headers=headers) for _ in range(4))
+        )
+    assert sorted(a.status_code for a in answers) == [200, 200, 200, 201]
+    assert len({a.json()["update_id"] for a in answers}) == 1
+    assert await fedhub.count(db.ClientUpdate) == 1
+    assert len(blob_files(fedhub.blob_root) - files_before) == 1
+    assert len(await fedhub.published(UpdateReceived)) == 1
+    # At least one repeat got past the first check and was caught by the insert that does nothing.
+    assert any(entry["event"] == "update.duplicate_raced" for entry in logs)
+
+
+async def test_request_unit_of_work_undoes_on_rollback_only(world: World) -> None:
+    """Undo callbacks run when the transaction rolls back or fails to commit, never after a commit."""
+    runtime, undone = world.fedhub.runtime, []
+
+    async def undo() -> None:
+        undone.append(True)
+
+    async def committed() -> None:
+        async with RequestUnitOfWork(runtime.uow) as uow:
+            uow.undo_on_rollback(undo)
+
+    async def raising() -> None:
+        async with RequestUnitOfWork(runtime.uow) as uow:
+            uow.undo_on_rollback(undo)
+            raise RuntimeError("refused")
+
+    async def failing_commit() -> None:
+        async with RequestUnitOfWork(runtime.uow) as uow:
+            uow.undo_on_rollback(undo)
+            # A second principal with the admin's token hash fails at commit (unique token_hash).
+            admin = await uow.session.get(PrincipalRow, UUID(world.fedhub.admin.id))
+            assert admin is not None
+            uow.session.add(PrincipalRow(name="clash", role=Role.ACTOR, token_hash=admin.token_hash))
+
+    await committed()
+    assert undone == []
+    with pytest.raises(RuntimeError):
+        await raising()
+    assert undone == [True]
+    with pytest.raises(IntegrityError):
+        await failing_commit()
+    assert undone == [True, True]
+
+
+# --- test metrics -------------------------------------------------------------------------------
+
+
+def metrics_url(world: World) -> str:
+    """The test-metrics route of the world's training."""
+    return f"/v1/trainings/{world.training_id}/test-metrics"
+
+
+async def test_test_metrics_outside_testing_are_round_closed(world: World) -> None:
+    """While the round collects updates, test metrics are refused with 409 and leave nothing."""
+    fedhub = world.fedhub
+    resp = await fedhub.http.post(
+        metrics_url(world),
+        json={"round": 1, "num_examples": 4, "metrics": {"acc": 0.5}},
+        headers=world.alice.headers,
+    )
+    assert resp.status_code == 409
+    assert resp.json()["error"] == "RoundClosed"
+    assert "COLLECTING" in resp.json()["detail"]
+    assert await fedhub.count(db.TestMetric) == 0
+    assert await fedhub.published(events.TestMetricsReceived) == []
+
+
+async def test_test_metrics_are_recorded_once(world: World) -> None:
+    """In TESTING: 201, a row and one TestMetricsReceived; the repeat is 200 duplicate and adds nothing."""
+    fedhub = world.fedhub
+    await fedhub.set_round(world.training_id, phase=RoundPhase.TESTING)
+    body = {"round": 1, "num_examples": 4, "metrics": {"acc": 0.75, "loss": 2}}
+    first = await fedhub.http.post(metrics_url(world), json=body, headers=world.bob.headers)
+    assert first.status_code == 201, first.text
+    assert first.json() == {"round": 1, "duplicate": False}
+    again = await fedhub.http.post(metrics_url(world), json=body, headers=world.bob.headers)
+    assert again.status_code == 200
+    assert again.json() == {"round": 1, "duplicate": True}
+
+    assert await fedhub.count(db.TestMetric) == 1
+    assert await fedhub.published(events.TestMetricsReceived) == [
+        events.TestMetricsReceived(
+            training_id=UUID(world.training_id), round=1, client_id=UUID(world.bob.id), num_examples=4
+        )
+    ]
+    training = (await fedhub.http.get(f"/v1/trainings/{world.training_id}", headers=world.bob.headers)).json()
+    assert training["tested"] == [world.bob.id]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error", "needle"),
+    [
+        ({"round": 1, "num_examples": -1, "metrics": {}}, 400, "MalformedPayload", "'num_examples'"),
+        ({"round": 1, "num_examples": 1, "metrics": {"acc": "high"}}, 400, "MalformedPayload", "'acc'"),
+        ({"round": 1, "num_examples": 1, "metrics": [1, 2]}, 400, "MalformedPayload", "'metrics'"),
+        ({"round": "1", "num_examples": 1}, 400, "MalformedPayload", "'round'"),
+        ({"round": 2, "num_examples": 1}, 409, "RoundClosed", "round 2"),
+    ],
+    ids=["negative-examples", "text-metric", "metrics-list", "round-string", "wrong-round"],
+)
+async def test_bad_test_metrics_are_refused(
+    world: World, body: dict[str, Any], status: int, error: str, needle: str
+) -> None:
+    """Each bad report gets its named error and leaves no row and no event."""
+    fedhub = world.fedhub
+    await fedhub.set_round(world.training_id, phase=RoundPhase.TESTING)
+    resp = await fedhub.http.post(metrics_url(world), json=body, headers=world.alice.headers)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"] == error
+    assert needle in resp.json()["detail"]
+    assert await fedhub.count(db.TestMetric) == 0
+    assert await fedhub.published(events.TestMetricsReceived) == []
+
+
+async def test_test_metrics_need_a_participant(world: World) -> None:
+    """An outsider client is 403 NotAParticipant."""
+    await world.fedhub.set_round(world.training_id, phase=RoundPhase.TESTING)
+    resp = await world.fedhub.http.post(
+        metrics_url(world), json={"round": 1, "num_examples": 1}, headers=world.outsider.headers
+    )
+    assert resp.status_code == 403
+    assert resp.json()["error"] == "NotAParticipant"
