@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from shared.logging import configure_logging
+
 app = typer.Typer(help="fedhub: a federated-learning server.", no_args_is_help=True, add_completion=False)
 
 
@@ -26,10 +28,12 @@ def demo(
     """Run a real federated training in embedded mode: server, clients and live progress in one process."""
     from fedhub.demo import DemoOptions, run_demo, write_outputs
 
+    configure_logging("WARNING")
     console = Console()
     options = DemoOptions(clients=clients, rounds=rounds, seed=seed, local_epochs=local_epochs, lr=lr)
     summary = asyncio.run(run_demo(options, console))
     write_outputs(summary, json_path, plot)
+    console.line()
     console.print(
         f"[bold]{summary.state}[/bold]: {summary.rounds} rounds with {summary.clients} clients in "
         f"{summary.duration_s:.1f} s; final global test accuracy [bold]{summary.final_accuracy:.4f}[/bold]"
@@ -59,6 +63,7 @@ def serve(
     if admin_token:
         kwargs["admin_token"] = admin_token
     settings = EmbeddedSettings(**kwargs)  # type: ignore[arg-type]
+    configure_logging(settings.log_level, settings.log_format)
 
     async def _serve() -> None:
         stop = asyncio.Event()
