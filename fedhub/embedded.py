@@ -13,17 +13,17 @@ import secrets
 import socket
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import uvicorn
 from pydantic import Field
-from services.api.main import create_app
-from services.notifier.service import Notifier
 
 from services.aggregator.service import Aggregator
 from services.aggregator.settings import AggregatorSettings
+from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.notifier import models as _notifier_tables  # noqa: F401 - registers its tables for create_schema
+from services.notifier.service import Notifier
 from services.notifier.settings import NotifierSettings
 from services.orchestrator.service import Orchestrator
 from services.orchestrator.settings import OrchestratorSettings
@@ -41,7 +41,7 @@ class EmbeddedSettings(CommonSettings):
     deadline_tick_s: float = 0.5
     keepalive_s: float = 15.0
 
-    def common(self) -> dict[str, object]:
+    def common(self) -> dict[str, Any]:
         """The shared settings every service gets, with paths under `data_dir`."""
         return {
             "database_url": f"sqlite+aiosqlite:///{self.data_dir / 'fedhub.db'}",
@@ -90,16 +90,16 @@ class EmbeddedServer:
     async def _start(self) -> None:
         s = self.settings
         common = s.common()
-        runtime = await Runtime.open(CommonSettings(**common), create_tables=True)  # type: ignore[arg-type]
+        runtime = await Runtime.open(CommonSettings(**common), create_tables=True)
         self.runtime = runtime
         self._stack.push_async_callback(runtime.close)
 
         orchestrator = Orchestrator(
             OrchestratorSettings(**common, deadline_tick_s=s.deadline_tick_s), runtime
-        )  # type: ignore[arg-type]
-        aggregator = Aggregator(AggregatorSettings(**common), runtime)  # type: ignore[arg-type]
-        notifier = Notifier(NotifierSettings(**common, keepalive_s=s.keepalive_s), runtime)  # type: ignore[arg-type]
-        app = create_app(ApiSettings(**common, admin_token=s.admin_token), runtime)  # type: ignore[arg-type]
+        )
+        aggregator = Aggregator(AggregatorSettings(**common), runtime)
+        notifier = Notifier(NotifierSettings(**common, keepalive_s=s.keepalive_s), runtime)
+        app = create_app(ApiSettings(**common, admin_token=s.admin_token), runtime)
         app.include_router(notifier.router)
 
         for service in (orchestrator, aggregator, notifier):
