@@ -87,11 +87,14 @@ def decode_message(cls: type[Message], body: bytes) -> Message:
     """Decode `body` into an instance of `cls`, rebuilding UUIDs, enums, datetimes and nested classes."""
     try:
         raw = unpackb(body)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: unhashable map keys
         raise MalformedPayload(f"message body for {cls.__name__} is not valid msgpack: {exc}") from exc
     if not isinstance(raw, dict):
         raise MalformedPayload(f"message body for {cls.__name__} is not a map")
-    return typing.cast(Message, _build(cls, raw))
+    try:
+        return typing.cast(Message, _build(cls, raw))
+    except (TypeError, ValueError) as exc:  # missing fields, malformed UUID, unknown enum value
+        raise MalformedPayload(f"message body for {cls.__name__} does not fit its fields: {exc}") from exc
 
 
 def packb(obj: object) -> bytes:
@@ -203,7 +206,9 @@ def make_record(name: str, dtype: object, shape: object, data: object) -> Tensor
         raise UnsupportedDtype(
             f"tensor {name!r}: dtype {dtype!r} is not supported (supported: {', '.join(DTYPE_ITEMSIZE)})"
         )
-    if not isinstance(shape, list | tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise MalformedPayload(f"tensor {name!r}: 'shape' must be a list of non-negative integers")
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedPayload(f"tensor {name!r}: 'data' must be raw bytes")

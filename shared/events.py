@@ -80,6 +80,7 @@ class TestMetricsReceived(Event):
     """A client reported its evaluation of a round's global model."""
 
     routing_key: ClassVar[str] = "test_metrics.received"
+    __test__: ClassVar[bool] = False  # not a pytest test class, whatever its name
     training_id: UUID
     round: int
     client_id: UUID

@@ -32,6 +32,7 @@ class OutboxRelay:
         self._batch = batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def wake(self) -> None:
         """Ask for a publish pass now (called after every commit that wrote to the outbox)."""
@@ -42,20 +43,27 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def stop(self) -> None:
-        """Publish what is committed, then stop."""
+        """Let the current pass finish, publish what is committed, then stop.
+
+        No cancellation: on Python 3.11 `asyncio.wait_for` can swallow a cancel that lands as the
+        wake-up completes, leaving the loop running; and a cancel mid-pass would cut its transaction.
+        """
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._stopping = True
+        self._wake.set()
+        await self._task
         self._task = None
         await self.drain()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
+                async with asyncio.timeout(self._poll_s):
+                    await self._wake.wait()
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 await self.drain()
             except asyncio.CancelledError:

@@ -1,0 +1,93 @@
+"""The aggregator service: wires its handlers to the bus; `main()` runs it as its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from contextlib import AsyncExitStack
+
+import structlog
+import torch
+
+from services.aggregator.handlers import build_handlers
+from services.aggregator.settings import AggregatorSettings
+from shared.bus import Envelope
+from shared.logging import configure_logging
+from shared.messaging import Consumer
+from shared.runtime import Runtime
+
+log = structlog.get_logger(component="aggregator")
+
+QUEUE = "aggregator"
+"""The aggregator's work queue: competing aggregator processes share it."""
+
+
+class Aggregator:
+    """Consumes aggregation jobs from the runtime's bus, `prefetch` at a time."""
+
+    def __init__(self, settings: AggregatorSettings, runtime: Runtime) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self._consumer = Consumer(QUEUE, build_handlers(settings, runtime.blobs), runtime.uow)
+        self._stopping = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._held = asyncio.Event()
+
+    async def start(self) -> None:
+        """Apply the torch settings and start consuming."""
+        if self.settings.torch_threads is not None:
+            torch.set_num_threads(self.settings.torch_threads)
+        await self.runtime.bus.subscribe(
+            self._consumer.name, self._consumer.routing_keys, self._deliver, prefetch=self.settings.prefetch
+        )
+        log.info("aggregator.started", prefetch=self.settings.prefetch, device=self.settings.device)
+
+    async def stop(self) -> None:
+        """Take no new job and wait for the running ones to commit; the runtime closes the bus after."""
+        self._stopping = True
+        await self._idle.wait()
+        log.info("aggregator.stopped")
+
+    async def _deliver(self, envelope: Envelope) -> None:
+        if self._stopping:
+            # The bus port has no unsubscribe: hold the delivery unacknowledged until the bus closes,
+            # which hands it back to the broker for another aggregator instead of running it here.
+            await self._held.wait()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._consumer.handle(envelope)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+
+async def serve(settings: AggregatorSettings) -> None:
+    """Run the aggregator until SIGTERM or SIGINT, then drain and close in reverse order of opening."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    async with AsyncExitStack() as stack:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        runtime = await Runtime.open(settings)
+        stack.push_async_callback(runtime.close)
+        aggregator = Aggregator(settings, runtime)
+        await aggregator.start()
+        stack.push_async_callback(aggregator.stop)
+        await stop.wait()
+        log.info("aggregator.stopping")
+
+
+def main() -> None:
+    """Entry point of a standalone aggregator process (distributed mode)."""
+    settings = AggregatorSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The aggregator's settings: the shared ones plus where and how fast it computes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.errors import FedhubError
+from shared.settings import CommonSettings
+
+
+class DeviceUnavailable(FedhubError):
+    """The settings ask for a torch device this machine does not have."""
+
+
+class AggregatorSettings(CommonSettings):
+    """`FEDHUB_*` shared settings plus `FEDHUB_AGGREGATOR_DEVICE`, `_PREFETCH` and `_TORCH_THREADS`."""
+
+    # The aggregator's own fields read FEDHUB_AGGREGATOR_*: in embedded mode one environment
+    # configures every service, and a service-specific name says whose `prefetch` it is.
+    # (`validate_by_name`, which lets tests pass `device=...`, also makes pydantic-settings accept
+    # FEDHUB_DEVICE and the like; the FEDHUB_AGGREGATOR_* name wins when both are set.)
+    model_config = SettingsConfigDict(env_prefix="FEDHUB_", extra="ignore", validate_by_name=True)
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        validation_alias="FEDHUB_AGGREGATOR_DEVICE",
+        description="where to accumulate: auto picks cuda when torch sees a GPU, else cpu",
+    )
+    prefetch: int = Field(
+        default=1,
+        ge=1,
+        validation_alias="FEDHUB_AGGREGATOR_PREFETCH",
+        description="aggregation jobs one process runs at once (each holds about one model in memory)",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias="FEDHUB_AGGREGATOR_TORCH_THREADS",
+        description="torch intra-op threads; unset leaves torch's default",
+    )
+
+
+def resolve_device(choice: Literal["auto", "cpu", "cuda"]) -> torch.device:
+    """The torch device a `device` setting names; `cuda` without a visible GPU is refused."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("device 'cuda' was asked for but torch sees no CUDA GPU")
+    return torch.device(choice)
