@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-from contextlib import AsyncExitStack
 
 import structlog
 import torch
@@ -15,6 +13,7 @@ from shared.bus import Envelope
 from shared.logging import configure_logging
 from shared.messaging import Consumer
 from shared.runtime import Runtime
+from shared.worker import run_worker
 
 log = structlog.get_logger(component="aggregator")
 
@@ -67,19 +66,13 @@ class Aggregator:
 
 async def serve(settings: AggregatorSettings) -> None:
     """Run the aggregator until SIGTERM or SIGINT, then drain and close in reverse order of opening."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    async with AsyncExitStack() as stack:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-            stack.callback(loop.remove_signal_handler, sig)
-        runtime = await Runtime.open(settings)
-        stack.push_async_callback(runtime.close)
-        aggregator = Aggregator(settings, runtime)
-        await aggregator.start()
-        stack.push_async_callback(aggregator.stop)
-        await stop.wait()
-        log.info("aggregator.stopping")
+    await run_worker(
+        "aggregator",
+        settings,
+        lambda runtime: Aggregator(settings, runtime),
+        health_host=settings.health_host,
+        health_port=settings.health_port,
+    )
 
 
 def main() -> None:

@@ -42,6 +42,17 @@ class AggregatorSettings(CommonSettings):
         validation_alias="FEDHUB_AGGREGATOR_TORCH_THREADS",
         description="torch intra-op threads; unset leaves torch's default",
     )
+    health_host: str = Field(
+        default="0.0.0.0",
+        validation_alias="FEDHUB_AGGREGATOR_HEALTH_HOST",
+        description="where /healthz and /readyz listen",
+    )
+    health_port: int = Field(
+        default=8002,
+        ge=0,
+        validation_alias="FEDHUB_AGGREGATOR_HEALTH_PORT",
+        description="probe port; 0 picks a free one (several replicas on one host)",
+    )
 
 
 def resolve_device(choice: Literal["auto", "cpu", "cuda"]) -> torch.device:

@@ -11,8 +11,10 @@ from services.orchestrator.handlers import HANDLERS, check_deadline
 from services.orchestrator.repository import TrainingRepository
 from services.orchestrator.settings import OrchestratorSettings
 from shared.events import utcnow
+from shared.logging import configure_logging
 from shared.messaging import Consumer
 from shared.runtime import Runtime
+from shared.worker import run_worker
 
 log = structlog.get_logger(component="orchestrator")
 
@@ -61,3 +63,25 @@ class Orchestrator:
                 raise
             except Exception as exc:
                 log.warning("deadline.tick_failed", error=repr(exc))
+
+
+async def serve(settings: OrchestratorSettings) -> None:
+    """Run the orchestrator as its own process until SIGTERM or SIGINT."""
+    await run_worker(
+        "orchestrator",
+        settings,
+        lambda runtime: Orchestrator(settings, runtime),
+        health_host=settings.health_host,
+        health_port=settings.health_port,
+    )
+
+
+def main() -> None:
+    """Entry point of a standalone orchestrator (distributed mode), configured by `FEDHUB_*`."""
+    settings = OrchestratorSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,3 +12,5 @@ class OrchestratorSettings(CommonSettings):
 
     deadline_tick_s: float = Field(default=1.0, gt=0, description="how often overdue rounds are checked")
     prefetch: int = Field(default=1, ge=1, description="events handled concurrently")
+    health_host: str = Field(default="0.0.0.0", description="where /healthz and /readyz listen")
+    health_port: int = Field(default=8001, ge=0, description="probe port; 0 picks a free one")
