@@ -70,6 +70,11 @@ class EmbeddedServer:
         return f"http://{self.settings.host}:{self.port}"
 
     @property
+    def events_url(self) -> str:
+        """Where `/v1/events` is served: the same server in embedded mode."""
+        return self.base_url
+
+    @property
     def admin_token(self) -> str:
         """The bootstrap actor's token."""
         return self.settings.admin_token

@@ -34,8 +34,11 @@ class ActorClient:
         http: httpx.AsyncClient | None = None,
         *,
         retry: RetryPolicy | None = None,
+        events_url: str | None = None,
     ) -> None:
         self.base_url = base_url
+        # Where `/v1/events` lives: the API's address unless the notifier is served apart.
+        self.events_url = (events_url or base_url).rstrip("/")
         self._transport = Transport(base_url, admin_or_actor_token, http=http, retry=retry)
 
     async def __aenter__(self) -> ActorClient:
@@ -127,7 +130,9 @@ class ActorClient:
         """Notifications as they come (reconnecting as needed); wrap in `contextlib.aclosing`."""
         params = {"training_id": str(training_id)} if training_id is not None else {}
         last = str(last_event_id) if last_event_id is not None else None
-        async with EventStream(self._transport, params=lambda: params, last_event_id=last) as stream:
+        async with EventStream(
+            self._transport, path=f"{self.events_url}/v1/events", params=lambda: params, last_event_id=last
+        ) as stream:
             async for item in stream:
                 if isinstance(item, Connected):
                     continue

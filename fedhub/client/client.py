@@ -73,8 +73,11 @@ class Client:
         retry: RetryPolicy | None = None,
         name: str | None = None,
         on_event: EventHook | None = None,
+        events_url: str | None = None,
     ) -> None:
         self.base_url = base_url
+        # Where `/v1/events` lives: the API's address unless the notifier is served apart.
+        self.events_url = (events_url or base_url).rstrip("/")
         self.name = name
         self.fit = fit
         self.evaluate = evaluate
@@ -122,7 +125,9 @@ class _Session:
         return {"training_id": str(self.training_id)} if self.training_id is not None else {}
 
     async def run(self) -> RunResult:
-        async with EventStream(self.transport, params=self._params) as stream:
+        async with EventStream(
+            self.transport, path=f"{self.client.events_url}/v1/events", params=self._params
+        ) as stream:
             async for item in stream:
                 if isinstance(item, Connected):
                     if self.training_id is not None:

@@ -43,7 +43,9 @@ class Transport:
         self._auth = {"Authorization": f"Bearer {token}"}
 
     def url(self, path: str) -> str:
-        """The absolute URL of an API path such as `/v1/me`."""
+        """The absolute URL of an API path such as `/v1/me` (an absolute URL is kept as it is)."""
+        if path.startswith(("http://", "https://")):
+            return path
         return self.base_url + path
 
     def headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
