@@ -24,13 +24,30 @@ def demo(
     plot: Annotated[Path | None, typer.Option(help="write a PNG of accuracy and loss per round here")] = None,
     local_epochs: Annotated[int, typer.Option(min=1, help="local epochs per round")] = 8,
     lr: Annotated[float, typer.Option(min=0.0, help="clients' SGD learning rate")] = 0.2,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed",
+            help="services as separate processes over RabbitMQ and PostgreSQL "
+            "(FEDHUB_AMQP_URL, FEDHUB_DATABASE_URL; local ones by default)",
+        ),
+    ] = False,
+    aggregators: Annotated[int, typer.Option(min=1, help="aggregator replicas with --distributed")] = 2,
 ) -> None:
     """Run a real federated training in embedded mode: server, clients and live progress in one process."""
     from fedhub.demo import DemoOptions, run_demo, write_outputs
 
     configure_logging("WARNING")
     console = Console()
-    options = DemoOptions(clients=clients, rounds=rounds, seed=seed, local_epochs=local_epochs, lr=lr)
+    options = DemoOptions(
+        clients=clients,
+        rounds=rounds,
+        seed=seed,
+        local_epochs=local_epochs,
+        lr=lr,
+        distributed=distributed,
+        aggregators=aggregators,
+    )
     summary = asyncio.run(run_demo(options, console))
     write_outputs(summary, json_path, plot)
     console.line()
@@ -77,6 +94,50 @@ def serve(
             await stop.wait()
 
     asyncio.run(_serve())
+
+
+@app.command()
+def api() -> None:
+    """Run the API service alone (distributed mode; configured by FEDHUB_* variables)."""
+    from services.api.main import main as run
+
+    run()
+
+
+@app.command()
+def orchestrator() -> None:
+    """Run the orchestrator service alone (distributed mode; configured by FEDHUB_* variables)."""
+    from services.orchestrator.service import main as run
+
+    run()
+
+
+@app.command()
+def aggregator() -> None:
+    """Run one aggregator replica (distributed mode; configured by FEDHUB_* variables)."""
+    from services.aggregator.service import main as run
+
+    run()
+
+
+@app.command()
+def notifier() -> None:
+    """Run the notifier service alone (distributed mode; configured by FEDHUB_* variables)."""
+    from services.notifier.service import main as run
+
+    run()
+
+
+db_app = typer.Typer(help="Database schema (PostgreSQL, via Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every migration to FEDHUB_DATABASE_URL (idempotent)."""
+    from fedhub.db import main_upgrade
+
+    main_upgrade()
 
 
 def main() -> None:

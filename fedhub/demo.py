@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import torch
@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedhub.client import ActorClient, Client
+from fedhub.distributed import ClusterSettings, LocalCluster
 from fedhub.embedded import EmbeddedServer, EmbeddedSettings
 from fedhub.task import DemoWorkload, make_model
 
@@ -41,6 +42,9 @@ class DemoOptions:
     lr: float = 0.2
     round_timeout_s: float = 120.0
     data_dir: Path | None = None
+    distributed: bool = False
+    """Run the services as separate processes over RabbitMQ and PostgreSQL instead of embedded."""
+    aggregators: int = 2
 
 
 @dataclass
@@ -75,14 +79,28 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> Demo
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="fedhub-demo-") as tmp:
         data_dir = options.data_dir or Path(tmp)
+        if options.distributed:
+            cluster_settings = ClusterSettings(aggregators=options.aggregators, log_dir=data_dir / "logs")
+            console.print(f"starting api, notifier, orchestrator and {options.aggregators} aggregators ...")
+            async with LocalCluster(cluster_settings) as cluster:
+                return await _run(cluster, options, console)
         settings = EmbeddedSettings(data_dir=data_dir, log_level="WARNING", deadline_tick_s=0.5)
         async with EmbeddedServer(settings) as server:
             return await _run(server, options, console)
 
 
-async def _run(server: EmbeddedServer, options: DemoOptions, console: Console) -> DemoSummary:
+class _Server(Protocol):
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def events_url(self) -> str: ...
+    @property
+    def admin_token(self) -> str: ...
+
+
+async def _run(server: _Server, options: DemoOptions, console: Console) -> DemoSummary:
     workload = DemoWorkload.create(options.clients, seed=options.seed, alpha=options.alpha)
-    actor = ActorClient(server.base_url, server.admin_token)
+    actor = ActorClient(server.base_url, server.admin_token, events_url=server.events_url)
     try:
         principals = [await actor.create_principal(f"hospital-{i + 1}") for i in range(options.clients)]
         initial = make_model(options.seed).state_dict()
@@ -102,6 +120,7 @@ async def _run(server: EmbeddedServer, options: DemoOptions, console: Console) -
                 evaluate=workload.evaluate_fn(i),
                 training_id=training_id,
                 name=p.name,
+                events_url=server.events_url,
             )
             for i, p in enumerate(principals)
         ]

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.blobs import BlobStore, LocalBlobStore
-from shared.bus import Bus, InMemoryBus
+from shared.blobs import BlobStore, LocalBlobStore, PostgresBlobStore
+from shared.bus import Bus, InMemoryBus, RabbitMQBus
 from shared.db import UnitOfWorkFactory, create_engine, create_schema, session_factory
 from shared.db.relay import OutboxRelay
 from shared.settings import CommonSettings
@@ -36,11 +36,14 @@ class Runtime:
         engine = create_engine(settings.database_url)
         if create_tables:
             await create_schema(engine)
+        blobs = await open_blob_store(settings, engine, create_tables=create_tables)
         sessions = session_factory(engine)
         if bus is None:
             if settings.amqp_url:
-                raise NotImplementedError("the RabbitMQ bus arrives with distributed mode")
-            bus = InMemoryBus()
+                ns = settings.bus_namespace
+                bus = RabbitMQBus(settings.amqp_url, exchange=f"{ns}.events", queue_prefix=f"{ns}.")
+            else:
+                bus = InMemoryBus()
         await bus.start()
         relay = OutboxRelay(sessions, bus, poll_s=settings.outbox_poll_s)
         uow = UnitOfWorkFactory(sessions, on_commit=relay.wake)
@@ -49,7 +52,7 @@ class Runtime:
             settings=settings,
             engine=engine,
             uow=uow,
-            blobs=LocalBlobStore(settings.blob_path),
+            blobs=blobs,
             bus=bus,
             relay=relay,
         )
@@ -60,3 +63,15 @@ class Runtime:
         await self.bus.close()
         await self.blobs.close()
         await self.engine.dispose()
+
+
+async def open_blob_store(
+    settings: CommonSettings, engine: AsyncEngine, *, create_tables: bool = False
+) -> BlobStore:
+    """The blob store `settings.blob_backend` names; the postgres one shares the process's engine."""
+    if settings.blob_backend == "postgres":
+        store = PostgresBlobStore(engine, chunk_size=settings.blob_chunk_size)
+        if create_tables:
+            await store.create_tables()
+        return store
+    return LocalBlobStore(settings.blob_path, chunk_size=settings.blob_chunk_size)

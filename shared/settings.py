@@ -21,8 +21,18 @@ class CommonSettings(BaseSettings):
     amqp_url: str | None = Field(
         default=None, description="RabbitMQ URL; unset means the in-memory bus (embedded mode only)"
     )
-    blob_backend: Literal["local"] = "local"
+    bus_namespace: str = Field(
+        default="fedhub",
+        description="RabbitMQ names: exchange `<ns>.events`, queues `<ns>.<service>`",
+    )
+    blob_backend: Literal["local", "postgres"] = Field(
+        default="local",
+        description="local: files under blob_path; postgres: chunked rows in the database_url database",
+    )
     blob_path: Path = Field(default=Path(".fedhub/blobs"), description="folder of the local blob store")
+    blob_chunk_size: int = Field(
+        default=1024 * 1024, gt=0, description="bytes per chunk when blobs are streamed or stored in rows"
+    )
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
     outbox_poll_s: float = Field(default=0.5, gt=0, description="outbox relay poll interval")

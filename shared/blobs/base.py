@@ -5,11 +5,15 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from uuid import UUID
 
 from shared.errors import NotFound
 
 _KEY = re.compile(r"^[a-z0-9]+/[A-Za-z0-9._-]+$")
+
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+"""Bytes per chunk a store streams (1 MiB): what one read or write holds in memory at once."""
 
 
 def content_key(data: bytes | memoryview) -> tuple[str, str]:
@@ -52,6 +56,25 @@ class BlobStore(ABC):
     @abstractmethod
     async def exists(self, key: str) -> bool:
         """Whether `key` has bytes."""
+
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> bool:
+        """Store the concatenated `chunks` under `key` atomically; False when the key already existed.
+
+        This fallback gathers the whole blob in memory; stores that can write in chunks override it.
+        """
+        buffer = bytearray()
+        async for chunk in chunks:
+            buffer += chunk
+        return await self.put(key, bytes(buffer))
+
+    async def open_stream(self, key: str) -> AsyncIterator[bytes]:
+        """Yield the bytes under `key` in chunks; raise `BlobNotFound` (on the first step) when none.
+
+        This fallback reads the whole blob first; stores that can read in chunks override it.
+        """
+        data = await self.get(key)
+        for start in range(0, len(data), DEFAULT_CHUNK_SIZE):
+            yield data[start : start + DEFAULT_CHUNK_SIZE]
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release resources."""

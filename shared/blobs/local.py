@@ -1,21 +1,27 @@
-"""A blob store in a local folder: atomic writes (temp file + rename), fanned out by key."""
+"""A blob store in a local folder: atomic writes (temp file + link), fanned out by key."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
-from shared.blobs.base import BlobNotFound, BlobStore, check_key
+from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, check_key
 
 
 class LocalBlobStore(BlobStore):
     """Blobs as files under `root`; fine for embedded mode and for pods sharing a volume."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
         self.root = root
+        self.chunk_size = chunk_size
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
@@ -25,21 +31,39 @@ class LocalBlobStore(BlobStore):
         """Write atomically; an existing key is left untouched."""
         return await asyncio.to_thread(self._put, self._path(key), data)
 
-    @staticmethod
-    def _put(path: Path, data: bytes | memoryview) -> bool:
+    @classmethod
+    def _put(cls, path: Path, data: bytes | memoryview) -> bool:
         if path.exists():
             return False
+        f, tmp = cls._open_temp(path)
+        try:
+            with f:
+                f.write(data)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return _publish(tmp, path)
+
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> bool:
+        """Write the chunks to a temporary file as they come, then publish it atomically."""
+        path = self._path(key)
+        if await asyncio.to_thread(path.exists):
+            return False
+        f, tmp = await asyncio.to_thread(self._open_temp, path)
+        try:
+            with f:
+                async for chunk in chunks:
+                    await asyncio.to_thread(f.write, chunk)
+        except BaseException:
+            await asyncio.to_thread(_unlink, tmp)
+            raise
+        return await asyncio.to_thread(_publish, tmp, path)
+
+    @staticmethod
+    def _open_temp(path: Path) -> tuple[BinaryIO, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return True
+        return os.fdopen(fd, "wb"), tmp
 
     async def get(self, key: str) -> bytes:
         """Read the whole blob."""
@@ -49,6 +73,19 @@ class LocalBlobStore(BlobStore):
         except FileNotFoundError:
             raise BlobNotFound(f"blob {key} does not exist") from None
 
+    async def open_stream(self, key: str) -> AsyncIterator[bytes]:
+        """Read the file `chunk_size` bytes at a time, off the event loop."""
+        path = self._path(key)
+        try:
+            f = await asyncio.to_thread(path.open, "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(f"blob {key} does not exist") from None
+        try:
+            while chunk := await asyncio.to_thread(f.read, self.chunk_size):
+                yield chunk
+        finally:
+            await asyncio.to_thread(f.close)
+
     async def delete(self, key: str) -> None:
         """Unlink the file if present."""
         path = self._path(key)
@@ -57,3 +94,35 @@ class LocalBlobStore(BlobStore):
     async def exists(self, key: str) -> bool:
         """Whether the file exists."""
         return await asyncio.to_thread(self._path(key).exists)
+
+
+def _publish(tmp: str, path: Path) -> bool:
+    """Give the finished temporary file its final name unless another writer got there first.
+
+    A hard link fails when the name exists, so of two concurrent writers exactly one wins and the
+    published file is always complete; `os.replace` would let the second silently overwrite the first.
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        # A filesystem without hard links: rename, accepting that a racing writer may replace an
+        # equally complete file.
+        if path.exists():
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        _unlink(tmp)
+    return True
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _unlink(tmp: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)

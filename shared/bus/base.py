@@ -43,6 +43,10 @@ def envelope_for(
     )
 
 
+class PublishNotConfirmed(Exception):
+    """The broker did not confirm a publish (unreachable, timed out, or refused); publish again later."""
+
+
 EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
 
 
@@ -96,3 +100,9 @@ class Bus(ABC):
         prefetch: int = 1,
     ) -> None:
         """Bind `queue` to `routing_keys` and start consuming with up to `prefetch` messages in flight."""
+
+    async def stop_consuming(self) -> None:  # noqa: B027 - optional: a bus may only drain in close
+        """Take no new deliveries and return once the handlers already running have finished.
+
+        For a graceful shutdown (SIGTERM): drain, then `close`. Publishing keeps working.
+        """

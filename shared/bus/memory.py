@@ -29,6 +29,8 @@ class InMemoryBus(Bus):
         self.dead_letters: list[DeadLetter] = []
         self._queues: dict[str, _Queue] = {}
         self._workers: list[asyncio.Task[None]] = []
+        self._busy: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -44,6 +46,22 @@ class InMemoryBus(Bus):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._workers.clear()
+
+    async def stop_consuming(self) -> None:
+        """Stop the workers waiting for a message; let each busy one finish its handler, then stop it.
+
+        A message left in a queue (or due back from a retry) stays there for a later `subscribe`.
+        """
+        self._stopping = True
+        workers, self._workers = self._workers, []
+        for task in workers:
+            if task not in self._busy:
+                # Cancelling a pending `Queue.get` leaves the message in the queue.
+                task.cancel()
+        for task in workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._stopping = False
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         """Route each envelope to every queue bound to a matching pattern."""
@@ -67,8 +85,11 @@ class InMemoryBus(Bus):
             self._workers.append(asyncio.create_task(self._consume(queue, q, handler)))
 
     async def _consume(self, name: str, q: _Queue, handler: EnvelopeHandler) -> None:
-        while True:
+        me = asyncio.current_task()
+        assert me is not None
+        while not self._stopping:
             envelope, attempt = await q.messages.get()
+            self._busy.add(me)
             self._in_flight += 1
             self._idle.clear()
             try:
@@ -89,6 +110,7 @@ class InMemoryBus(Bus):
                         delay, q.messages.put_nowait, (envelope, attempt + 1)
                     )
             finally:
+                self._busy.discard(me)
                 self._in_flight -= 1
                 q.messages.task_done()
                 if self._in_flight == 0:

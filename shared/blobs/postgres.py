@@ -1,0 +1,201 @@
+"""A blob store in PostgreSQL: each blob a `blob` row and its bytes in ordered `blob_chunk` rows.
+
+For distributed mode without a shared volume: every process reaches the same blobs through the
+database it already uses. A blob is written in one transaction, so a reader sees all of it or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, check_key
+from shared.db.base import create_engine
+
+metadata = MetaData()
+"""The blob tables, apart from `shared.db.Base`: a store may live in a database of its own."""
+
+blob_table = Table(
+    "blob",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("complete", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+blob_chunk_table = Table(
+    "blob_chunk",
+    metadata,
+    Column("key", String(200), ForeignKey("blob.key", ondelete="CASCADE"), primary_key=True),
+    Column("index", Integer, primary_key=True, autoincrement=False),
+    Column("data", LargeBinary, nullable=False),
+)
+
+
+class BlobCorrupted(RuntimeError):
+    """A stored blob's chunks do not add up to its recorded size."""
+
+
+class PostgresBlobStore(BlobStore):
+    """Blobs chunked into rows; writes are one transaction each, reads fetch one chunk at a time.
+
+    Give it the process's engine to share its pool, or a URL to open (and later dispose) its own.
+    The tables come from the migrations (`fedhub db upgrade`) or from `create_tables()`.
+    """
+
+    def __init__(self, engine_or_url: AsyncEngine | str, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self._owns_engine = isinstance(engine_or_url, str)
+        self.engine = create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
+        self.chunk_size = chunk_size
+
+    async def create_tables(self) -> None:
+        """Create the blob tables when missing (embedded mode and tests; distributed mode migrates)."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    async def put(self, key: str, data: bytes | memoryview) -> bool:
+        """Store `data` in chunks within one transaction; False (and no write) when `key` exists."""
+        view = memoryview(data).cast("B")
+
+        async def chunks() -> AsyncIterator[memoryview]:
+            for start in range(0, len(view), self.chunk_size):
+                # Slices share `data`'s buffer: the driver copies one chunk at a time.
+                yield view[start : start + self.chunk_size]
+
+        return await self._write(key, chunks())
+
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> bool:
+        """Write the chunks as they come, re-cut to `chunk_size`; False (and no write) when `key` exists."""
+        return await self._write(key, chunks)
+
+    async def _write(self, key: str, chunks: AsyncIterator[bytes] | AsyncIterator[memoryview]) -> bool:
+        """Insert the blob row, its chunks, then mark it complete, all in one transaction.
+
+        The blob row goes first with ON CONFLICT DO NOTHING: a concurrent writer of the same key
+        waits on the primary key until the first commits (then gets False) or rolls back (then
+        writes). Readers see only committed, complete blobs.
+        """
+        check_key(key)
+        async with self.engine.begin() as conn:
+            claimed = await conn.execute(
+                self._insert_blob(conn)
+                .values(key=key, size=0, sha256="", complete=False)
+                .on_conflict_do_nothing(index_elements=["key"])
+                .returning(blob_table.c.key)
+            )
+            if claimed.first() is None:
+                return False
+            digest = hashlib.sha256()
+            size = index = 0
+            pending = bytearray()
+            async for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                if not pending and len(chunk) == self.chunk_size:
+                    await self._write_chunk(conn, key, index, chunk)
+                    index += 1
+                    continue
+                pending += chunk
+                while len(pending) >= self.chunk_size:
+                    await self._write_chunk(conn, key, index, bytes(pending[: self.chunk_size]))
+                    del pending[: self.chunk_size]
+                    index += 1
+            if pending or index == 0:
+                await self._write_chunk(conn, key, index, bytes(pending))
+            await conn.execute(
+                update(blob_table)
+                .where(blob_table.c.key == key)
+                .values(size=size, sha256=digest.hexdigest(), complete=True)
+            )
+        return True
+
+    @staticmethod
+    def _insert_blob(conn: AsyncConnection) -> postgresql.Insert | sqlite.Insert:
+        if conn.dialect.name == "sqlite":
+            return sqlite.insert(blob_table)
+        return postgresql.insert(blob_table)
+
+    @staticmethod
+    async def _write_chunk(conn: AsyncConnection, key: str, index: int, data: bytes | memoryview) -> None:
+        await conn.execute(blob_chunk_table.insert().values(key=key, index=index, data=data))
+
+    async def get(self, key: str) -> bytes:
+        """The whole blob."""
+        return b"".join([chunk async for chunk in self.open_stream(key)])
+
+    async def open_stream(self, key: str) -> AsyncIterator[bytes]:
+        """Yield the chunks in order, one query each, from one snapshot.
+
+        One row per query keeps memory at one chunk (asyncpg's server-side cursors prefetch 50 rows);
+        REPEATABLE READ on PostgreSQL makes every query see the snapshot of the first, so a delete
+        that commits mid-read cannot cut the blob short.
+        """
+        check_key(key)
+        async with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execution_options(isolation_level="REPEATABLE READ")
+            async with conn.begin():
+                size = await conn.scalar(
+                    select(blob_table.c.size).where(blob_table.c.key == key, blob_table.c.complete)
+                )
+                if size is None:
+                    raise BlobNotFound(f"blob {key} does not exist")
+                read = index = 0
+                while True:
+                    data = await conn.scalar(
+                        select(blob_chunk_table.c.data).where(
+                            blob_chunk_table.c.key == key, blob_chunk_table.c.index == index
+                        )
+                    )
+                    if data is None:
+                        break
+                    read += len(data)
+                    index += 1
+                    if data:
+                        yield bytes(data)
+                if read != size:
+                    raise BlobCorrupted(f"blob {key} has {read} bytes in its chunks, {size} recorded")
+
+    async def delete(self, key: str) -> None:
+        """Remove the blob and all its chunks in one transaction; a missing key is not an error."""
+        check_key(key)
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(blob_chunk_table).where(blob_chunk_table.c.key == key))
+            await conn.execute(delete(blob_table).where(blob_table.c.key == key))
+
+    async def exists(self, key: str) -> bool:
+        """Whether a complete blob is stored under `key`."""
+        check_key(key)
+        async with self.engine.connect() as conn:
+            found = await conn.scalar(
+                select(blob_table.c.key).where(blob_table.c.key == key, blob_table.c.complete)
+            )
+        return found is not None
+
+    async def close(self) -> None:
+        """Dispose the engine if this store opened it."""
+        if self._owns_engine:
+            await self.engine.dispose()

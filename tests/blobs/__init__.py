@@ -1,0 +1,1 @@
+"""The blob store contract, run against every store."""

@@ -1,0 +1,188 @@
+"""The blob store contract, the same for every store: atomic puts that never overwrite, chunked
+streaming in bounded memory, and one consistent winner when two writers race for a key."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import tracemalloc
+from collections.abc import AsyncIterator
+from uuid import uuid4
+
+import pytest
+
+from shared.blobs import BlobNotFound, BlobStore, LocalBlobStore, PostgresBlobStore
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(params=["local", pytest.param("postgres", marks=pytest.mark.integration)])
+async def store(request, tmp_path) -> AsyncIterator[BlobStore]:
+    """Each store under test, chunking at 1 MiB; the PostgreSQL one in the session's migrated database."""
+    if request.param == "local":
+        blobs: BlobStore = LocalBlobStore(tmp_path / "blobs", chunk_size=MiB)
+    else:
+        blobs = PostgresBlobStore(request.getfixturevalue("postgres_url"), chunk_size=MiB)
+    yield blobs
+    await blobs.close()
+
+
+def key() -> str:
+    """A fresh key."""
+    return f"update/{uuid4()}"
+
+
+def pattern(index: int, size: int = MiB) -> bytes:
+    """Distinct, reproducible bytes for chunk `index` (a check would catch reordered chunks)."""
+    seed = hashlib.sha256(index.to_bytes(8, "big")).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+async def chunks_of(parts: list[bytes]) -> AsyncIterator[bytes]:
+    """Yield `parts`, letting other tasks run between them as a network upload would."""
+    for part in parts:
+        await asyncio.sleep(0)
+        yield part
+
+
+async def test_put_get_exists_delete(store):
+    """A stored blob reads back whole; after delete it is gone and reading it is BlobNotFound."""
+    k, data = key(), b"\x00weights\xff" * 1000
+    assert await store.exists(k) is False
+    assert await store.put(k, data) is True
+    assert await store.exists(k) is True
+    assert await store.get(k) == data
+    await store.delete(k)
+    assert await store.exists(k) is False
+    with pytest.raises(BlobNotFound):
+        await store.get(k)
+    await store.delete(k)  # deleting a missing key is not an error
+
+
+async def test_put_of_an_existing_key_keeps_the_first(store):
+    """A second put under a key returns False and leaves the first bytes."""
+    k = key()
+    assert await store.put(k, b"first") is True
+    assert await store.put(k, b"second") is False
+    assert await store.put_stream(k, chunks_of([b"third"])) is False
+    assert await store.get(k) == b"first"
+
+
+async def test_empty_blob(store):
+    """An empty blob exists and reads back empty, whole or streamed."""
+    k = key()
+    assert await store.put(k, b"") is True
+    assert await store.exists(k) is True
+    assert await store.get(k) == b""
+    assert [c async for c in store.open_stream(k)] == []
+
+
+async def test_multi_chunk_put_reads_back_in_bounded_chunks(store):
+    """Odd-sized input, from put and from put_stream, streams back in chunks of at most chunk_size."""
+    data = b"".join(pattern(i, 700_000) for i in range(4))  # 2.8 MB, not a multiple of 1 MiB
+    k1, k2 = key(), key()
+    assert await store.put(k1, memoryview(data)) is True
+    assert await store.put_stream(
+        k2, chunks_of([data[i : i + 300_001] for i in range(0, len(data), 300_001)])
+    )
+    for k in (k1, k2):
+        chunks = [c async for c in store.open_stream(k)]
+        assert b"".join(chunks) == data
+        assert max(len(c) for c in chunks) <= MiB
+        assert await store.get(k) == data
+
+
+async def test_open_stream_of_a_missing_key(store):
+    """Streaming a missing key raises BlobNotFound at the first step."""
+    with pytest.raises(BlobNotFound):
+        await anext(aiter(store.open_stream(key())))
+
+
+async def test_stream_20_mb_round_trip_in_bounded_memory(store):
+    """20 MB in 1 MiB chunks goes in and out with a traced peak far below the blob's size."""
+    k, n = key(), 20
+    expected = hashlib.sha256()
+
+    async def upload() -> AsyncIterator[bytes]:
+        for i in range(n):
+            chunk = pattern(i)
+            expected.update(chunk)
+            yield chunk
+
+    tracemalloc.start()
+    try:
+        assert await store.put_stream(k, upload()) is True
+        _, write_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        got, size = hashlib.sha256(), 0
+        async for chunk in store.open_stream(k):
+            assert len(chunk) <= MiB
+            got.update(chunk)
+            size += len(chunk)
+        _, read_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size == n * MiB
+    assert got.hexdigest() == expected.hexdigest()
+    # A few chunks at once at most: the consumer's chunk, the next one arriving, the driver's buffer.
+    assert read_peak < 6 * MiB, f"reading 20 MiB peaked at {read_peak / MiB:.1f} MiB"
+    assert write_peak < 6 * MiB, f"writing 20 MiB peaked at {write_peak / MiB:.1f} MiB"
+
+
+async def test_concurrent_puts_of_one_key_leave_one_consistent_blob(store):
+    """Two writers racing for a key: exactly one wins and the blob is entirely the winner's bytes."""
+    k = key()
+    a = [bytes([0xAA]) * MiB, bytes([0xAB]) * MiB, bytes([0xAC]) * 1000]
+    b = [bytes([0xBA]) * MiB, bytes([0xBB]) * 1000]
+    won_a, won_b = await asyncio.gather(store.put_stream(k, chunks_of(a)), store.put_stream(k, chunks_of(b)))
+    assert sorted([won_a, won_b]) == [False, True]
+    assert await store.get(k) == b"".join(a if won_a else b)
+
+
+async def test_concurrent_whole_puts_of_one_key_leave_one_consistent_blob(store):
+    """The same race through `put`: one True, and the stored bytes are one writer's entirely."""
+    k, a, b = key(), pattern(1, 2 * MiB + 3), pattern(2, MiB)
+    results = await asyncio.gather(store.put(k, a), store.put(k, b))
+    assert sorted(results) == [False, True]
+    assert await store.get(k) == (a if results[0] else b)
+
+
+class DictStore(BlobStore):
+    """A store with only the abstract methods: exercises the ABC's streaming fallbacks."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    async def put(self, key: str, data: bytes | memoryview) -> bool:
+        """Keep the bytes unless the key is taken."""
+        if key in self.blobs:
+            return False
+        self.blobs[key] = bytes(data)
+        return True
+
+    async def get(self, key: str) -> bytes:
+        """The bytes, or BlobNotFound."""
+        try:
+            return self.blobs[key]
+        except KeyError:
+            raise BlobNotFound(key) from None
+
+    async def delete(self, key: str) -> None:
+        """Forget the key."""
+        self.blobs.pop(key, None)
+
+    async def exists(self, key: str) -> bool:
+        """Whether the key is stored."""
+        return key in self.blobs
+
+
+async def test_abc_fallbacks_stream_through_put_and_get():
+    """A store without its own streaming still round-trips put_stream / open_stream."""
+    blobs, k = DictStore(), key()
+    data = pattern(0, 3 * MiB + 5)
+    assert await blobs.put_stream(k, chunks_of([data[:100], data[100:]])) is True
+    assert blobs.blobs[k] == data
+    chunks = [c async for c in blobs.open_stream(k)]
+    assert b"".join(chunks) == data and max(len(c) for c in chunks) <= MiB
+    with pytest.raises(BlobNotFound):
+        await anext(aiter(blobs.open_stream(key())))

@@ -1,0 +1,98 @@
+"""Concurrency guards on PostgreSQL: the training version compare-and-set and the FOR UPDATE row lock."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
+
+import pytest
+
+from services.orchestrator.machine import Step
+from services.orchestrator.repository import ConcurrentTransition, TrainingRepository
+from shared.db.models import Model, Principal, Training
+from shared.enums import Role, RoundPhase, TrainingState
+from tests.db.conftest import lock_waiters, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def new_training(runtime) -> UUID:
+    """An INITIAL training with its owner and model; returns its id."""
+    owner, model, training = uuid4(), uuid4(), uuid4()
+    async with runtime.uow() as uow:
+        uow.session.add(Principal(id=owner, name="owner", role=Role.ACTOR, token_hash=uuid4().hex))
+        await uow.session.flush()
+        uow.session.add(
+            Model(id=model, owner_id=owner, blob_key="sha256/m", digest="m", size_bytes=1, spec={})
+        )
+        await uow.session.flush()
+        uow.session.add(
+            Training(
+                id=training,
+                owner_id=owner,
+                initial_model_id=model,
+                current_model_id=model,
+                aggregation="fedavg",
+                rounds=2,
+                min_clients=1,
+                round_timeout_s=60.0,
+            )
+        )
+    return training
+
+
+def start(training: Training) -> Step:
+    """The step that starts a training's first round."""
+    return Step(
+        state=TrainingState.ONGOING,
+        phase=RoundPhase.COLLECTING,
+        round=1,
+        deadline_at=None,
+        current_model_id=training.current_model_id,
+        round_started=True,
+    )
+
+
+async def test_stale_version_is_refused(pg_runtime):
+    """Applying a step to a training whose version moved on raises ConcurrentTransition, writing nothing."""
+    training_id = await new_training(pg_runtime)
+    async with pg_runtime.uow() as uow:
+        stale, _ = await TrainingRepository(uow.session).load(training_id)
+    async with pg_runtime.uow() as uow:
+        repo = TrainingRepository(uow.session)
+        fresh, _ = await repo.load(training_id)
+        await repo.apply(fresh, start(fresh), datetime.now(UTC))
+
+    async def apply_stale() -> None:
+        async with pg_runtime.uow() as uow:
+            await TrainingRepository(uow.session).apply(stale, start(stale), datetime.now(UTC))
+
+    with pytest.raises(ConcurrentTransition):
+        await apply_stale()
+    async with pg_runtime.uow() as uow:
+        row, view = await TrainingRepository(uow.session).load(training_id)
+    assert (row.version, view.state, view.round) == (1, TrainingState.ONGOING, 1)
+
+
+async def test_load_for_update_serialises_transitions(pg_runtime):
+    """A second load of a training waits for the first transaction, then sees its committed transition."""
+    training_id = await new_training(pg_runtime)
+    async with pg_runtime.uow() as first:
+        repo = TrainingRepository(first.session)
+        training, _ = await repo.load(training_id)
+
+        async def second_load() -> tuple[int, TrainingState]:
+            async with pg_runtime.uow() as uow:
+                row, view = await TrainingRepository(uow.session).load(training_id)
+                return row.version, view.state
+
+        second = asyncio.create_task(second_load())
+
+        async def second_waits() -> bool:
+            return await lock_waiters(pg_runtime) == 1
+
+        await wait_until(second_waits, "the second load to wait on the row lock")
+        assert not second.done()
+        await repo.apply(training, start(training), datetime.now(UTC))
+    assert await second == (1, TrainingState.ONGOING)
