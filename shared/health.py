@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.bus.base import Bus
+
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else why not."""
 
@@ -28,6 +30,15 @@ def database_check(engine: AsyncEngine) -> ReadinessCheck:
         except Exception as exc:
             return f"database unreachable: {type(exc).__name__}: {exc}"
         return None
+
+    return check
+
+
+def bus_check(bus: Bus) -> ReadinessCheck:
+    """Ready while the bus is connected to its broker."""
+
+    async def check() -> str | None:
+        return bus.problem()
 
     return check
 

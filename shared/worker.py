@@ -10,7 +10,7 @@ from typing import Protocol
 
 import structlog
 
-from shared.health import HealthServer, database_check
+from shared.health import HealthServer, bus_check, database_check
 from shared.runtime import Runtime
 from shared.settings import CommonSettings
 
@@ -52,7 +52,11 @@ async def run_worker(
         service = build(runtime)
         await service.start()
         stack.push_async_callback(service.stop)
-        health = HealthServer(health_host, health_port, [database_check(runtime.engine)])
+        # Runs first on the way out: no new deliveries, in-flight ones finish and are acked.
+        stack.push_async_callback(runtime.bus.stop_consuming)
+        health = HealthServer(
+            health_host, health_port, [database_check(runtime.engine), bus_check(runtime.bus)]
+        )
         await health.start()
         stack.push_async_callback(health.stop)
         log.info("worker.started", service=name, health_port=health.port)

@@ -153,7 +153,7 @@ def create_app(settings: NotifierSettings, runtime: Runtime | None = None) -> Fa
 
     @app.get("/readyz", include_in_schema=False, response_model=None)
     async def readyz() -> dict[str, str] | JSONResponse:
-        """Readiness: the database answers."""
+        """Readiness: the database answers and the bus is connected."""
         rt = state.get("runtime")
         if rt is None:
             return JSONResponse({"error": "NotReady", "detail": "notifier not started"}, status_code=503)
@@ -163,6 +163,8 @@ def create_app(settings: NotifierSettings, runtime: Runtime | None = None) -> Fa
         except Exception as exc:
             detail = f"database unreachable: {type(exc).__name__}: {exc}"
             return JSONResponse({"error": "NotReady", "detail": detail}, status_code=503)
+        if (problem := rt.bus.problem()) is not None:
+            return JSONResponse({"error": "NotReady", "detail": problem}, status_code=503)
         return {"status": "ready"}
 
     return app

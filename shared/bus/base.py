@@ -101,6 +101,10 @@ class Bus(ABC):
     ) -> None:
         """Bind `queue` to `routing_keys` and start consuming with up to `prefetch` messages in flight."""
 
+    def problem(self) -> str | None:
+        """Why the bus cannot carry messages right now, or None when it can (readiness probes)."""
+        return None
+
     async def stop_consuming(self) -> None:  # noqa: B027 - optional: a bus may only drain in close
         """Take no new deliveries and return once the handlers already running have finished.
 

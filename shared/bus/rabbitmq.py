@@ -160,6 +160,14 @@ class RabbitMQBus(Bus):
             # aiormq's ChannelInvalidStateError (a closed channel) is a RuntimeError.
             raise PublishNotConfirmed(f"publish failed: {_reason(exc)}") from exc
 
+    def problem(self) -> str | None:
+        """None while connected to the broker; otherwise what is wrong."""
+        if self._connection is None:
+            return "the RabbitMQ bus is not started"
+        if self._connection.is_closed or not self._connection.connected.is_set():
+            return f"RabbitMQ connection lost (reconnecting; {self.reconnects} reconnects so far)"
+        return None
+
     async def subscribe(
         self,
         queue: str,

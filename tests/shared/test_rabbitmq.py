@@ -206,7 +206,10 @@ async def test_the_bus_reconnects_after_the_broker_drops_it_and_keeps_consuming(
 async def test_publishing_while_the_broker_is_away_raises_instead_of_hanging(rabbitmq_buses):
     """With the connection down (and the reconnect far away), `publish` raises within its timeout."""
     bus = await rabbitmq_buses.make(publish_timeout_s=0.5, reconnect_interval=60)
+    assert bus.problem() is None
     await drop_connection_from_the_broker(bus)
+    await wait_until(lambda: bus.problem() is not None, "readiness to notice the lost connection")
+    assert "connection lost" in (bus.problem() or "")
     started = time.monotonic()
     with pytest.raises(PublishNotConfirmed):
         await bus.publish([envelope("probe.outage")])
@@ -224,6 +227,7 @@ async def test_a_runtime_with_an_amqp_url_opens_the_rabbitmq_bus(rabbitmq_url, t
     try:
         assert isinstance(rt.bus, RabbitMQBus)
         assert rt.bus.exchange_name == "fedhub.events"
+        assert rt.bus.queue_prefix == "fedhub."
         # Confirmed by the broker although no queue is bound to the key.
         await rt.bus.publish([envelope(f"probe.{uuid4().hex}")])
     finally:

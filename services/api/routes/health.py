@@ -28,7 +28,7 @@ async def healthz() -> Health:
     "/readyz", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Health}}
 )
 async def readyz(runtime: RuntimeDep) -> Health | JSONResponse:
-    """Readiness: the database answers `SELECT 1`."""
+    """Readiness: the database answers `SELECT 1` and the bus is connected (the outbox relay needs it)."""
     try:
         async with asyncio.timeout(_READY_TIMEOUT_S), runtime.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
@@ -36,4 +36,7 @@ async def readyz(runtime: RuntimeDep) -> Health | JSONResponse:
         detail = f"database unreachable ({type(exc).__name__}: {exc})"
         log.warning("api.not_ready", detail=detail)
         return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)
+    if (problem := runtime.bus.problem()) is not None:
+        log.warning("api.not_ready", detail=problem)
+        return JSONResponse(Health(status="unavailable", detail=problem).model_dump(), status_code=503)
     return Health(status="ok")
