@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 from uuid import UUID
@@ -126,7 +127,6 @@ async def _run(server: _Server, options: DemoOptions, console: Console) -> DemoS
         ]
         names = {str(p.id): p.name for p in principals}
         client_tasks = [asyncio.create_task(c.run(), name=f"client-{i}") for i, c in enumerate(clients)]
-        await asyncio.sleep(0)  # let every client open its event stream before the start
         started = time.perf_counter()
         await actor.start_training(training_id)
         summary = DemoSummary(
@@ -188,8 +188,6 @@ def _num(value: object) -> float | None:
 
 
 def _round_durations(rounds: Sequence[dict[str, Any]]) -> list[float]:
-    from datetime import datetime
-
     out = []
     for i, r in enumerate(rounds):
         start = datetime.fromisoformat(str(r["started_at"]))
