@@ -11,6 +11,7 @@ from typing import Protocol
 import structlog
 
 from shared.health import HealthServer, bus_check, database_check
+from shared.logging import configure_logging
 from shared.runtime import Runtime
 from shared.settings import CommonSettings
 
@@ -62,3 +63,16 @@ async def run_worker(
         log.info("worker.started", service=name, health_port=health.port)
         await stop.wait()
         log.info("worker.stopping", service=name)
+
+
+def worker_main(
+    name: str,
+    settings: CommonSettings,
+    build: Callable[[Runtime], Service],
+    *,
+    health_host: str,
+    health_port: int,
+) -> None:
+    """A worker process's entry point: logging as configured, then `run_worker` until a signal."""
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(run_worker(name, settings, build, health_host=health_host, health_port=health_port))

@@ -10,10 +10,9 @@ import torch
 from services.aggregator.handlers import build_handlers
 from services.aggregator.settings import AggregatorSettings
 from shared.bus import Envelope
-from shared.logging import configure_logging
 from shared.messaging import Consumer
 from shared.runtime import Runtime
-from shared.worker import run_worker
+from shared.worker import worker_main
 
 log = structlog.get_logger(component="aggregator")
 
@@ -64,22 +63,16 @@ class Aggregator:
                 self._idle.set()
 
 
-async def serve(settings: AggregatorSettings) -> None:
-    """Run the aggregator until SIGTERM or SIGINT, then drain and close in reverse order of opening."""
-    await run_worker(
+def main() -> None:
+    """Entry point of a standalone aggregator process (distributed mode), configured by `FEDHUB_*`."""
+    settings = AggregatorSettings()
+    worker_main(
         "aggregator",
         settings,
         lambda runtime: Aggregator(settings, runtime),
         health_host=settings.health_host,
         health_port=settings.health_port,
     )
-
-
-def main() -> None:
-    """Entry point of a standalone aggregator process (distributed mode)."""
-    settings = AggregatorSettings()
-    configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

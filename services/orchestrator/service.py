@@ -11,10 +11,9 @@ from services.orchestrator.handlers import HANDLERS, check_deadline
 from services.orchestrator.repository import TrainingRepository
 from services.orchestrator.settings import OrchestratorSettings
 from shared.events import utcnow
-from shared.logging import configure_logging
 from shared.messaging import Consumer
 from shared.runtime import Runtime
-from shared.worker import run_worker
+from shared.worker import worker_main
 
 log = structlog.get_logger(component="orchestrator")
 
@@ -65,22 +64,16 @@ class Orchestrator:
                 log.warning("deadline.tick_failed", error=repr(exc))
 
 
-async def serve(settings: OrchestratorSettings) -> None:
-    """Run the orchestrator as its own process until SIGTERM or SIGINT."""
-    await run_worker(
+def main() -> None:
+    """Entry point of a standalone orchestrator process (distributed mode), configured by `FEDHUB_*`."""
+    settings = OrchestratorSettings()
+    worker_main(
         "orchestrator",
         settings,
         lambda runtime: Orchestrator(settings, runtime),
         health_host=settings.health_host,
         health_port=settings.health_port,
     )
-
-
-def main() -> None:
-    """Entry point of a standalone orchestrator (distributed mode), configured by `FEDHUB_*`."""
-    settings = OrchestratorSettings()
-    configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":
