@@ -32,7 +32,7 @@ imports: $(STAMP)
 check: test
 
 bench: $(STAMP)
-	$(BIN)/python bench/aggregate.py
+	$(BIN)/python bench/upload_memory.py --mb 500
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

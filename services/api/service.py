@@ -6,6 +6,7 @@ import asyncio
 import math
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar
@@ -18,9 +19,17 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.errors import ValidationError
 from services.api.schemas import OFFLOAD_BYTES, TensorDocument, TrainingCreate
+from services.api.uploads import Written, canonical_update, in_order, items_after, spool, unspool
 from shared.auth import hash_token, new_token
 from shared.blobs import BlobStore, content_key, update_key
-from shared.codec import TensorRecord, encode_tensors
+from shared.codec import (
+    StreamedField,
+    StreamedTensors,
+    TensorDocumentReader,
+    TensorRecord,
+    encode_tensors,
+    parse_tensor_map,
+)
 from shared.db.models import (
     ClientUpdate,
     Model,
@@ -124,27 +133,81 @@ async def upload_model(
     uow: RequestUnitOfWork, blobs: BlobStore, owner_id: UUID, doc: TensorDocument
 ) -> Model:
     """Check an uploaded model, store its canonical encoding content-addressed and record it."""
-    name = doc.fields.get("name") or ""
-    if not isinstance(name, str) or len(name) > _MAX_NAME:
-        raise MalformedPayload(f"'name' must be a string of at most {_MAX_NAME} characters")
+    name = _model_name(doc.fields)
     records, data = await offload(doc.size, _canonical_model, doc)
     key, digest = content_key(data)
     if await blobs.put(key, data):
         uow.undo_on_rollback(lambda: _drop_unreferenced_model_blob(uow.sessions, blobs, key))
+    spec = {r.name: [r.dtype, list(r.shape)] for r in records}
+    return await _record_model(uow, owner_id, name, key, digest, len(data), spec)
+
+
+async def upload_streamed_model(
+    uow: RequestUnitOfWork, blobs: BlobStore, owner_id: UUID, reader: TensorDocumentReader
+) -> Model:
+    """Check a msgpack model as it streams in and store its canonical encoding, never holding it whole.
+
+    The blob is content-addressed, so its key is known only at the end: the canonical bytes wait in a
+    spool file (disk beyond a few MiB) while they are hashed, then stream into the store.
+    """
+    fields: dict[str, Any] = {}
+    item = await reader.next_item()
+    while isinstance(item, StreamedField):
+        fields[item.name] = item.value
+        item = await reader.next_item()
+    if not isinstance(item, StreamedTensors):
+        _model_name(fields)
+        parse_tensor_map(None)  # raises: the body has no tensor map
+        raise AssertionError("unreachable")
+    written = Written(fields)
+    spec: dict[str, list[Any]] = {}
+    async with aclosing(written.count(in_order(items_after(reader), item.count, fields, spec))) as chunks:
+        spooled = await spool(chunks)
+    try:
+        name = _model_name(fields)
+    except MalformedPayload:
+        spooled.close()
+        raise
+    key = f"sha256/{written.digest}"
+    try:
+        created = await blobs.put_stream(key, unspool(spooled))
+    finally:
+        spooled.close()
+    if created:
+        uow.undo_on_rollback(lambda: _drop_unreferenced_model_blob(uow.sessions, blobs, key))
+    return await _record_model(uow, owner_id, name, key, written.digest, written.size, spec)
+
+
+def _model_name(fields: Mapping[str, Any]) -> str:
+    name = fields.get("name") or ""
+    if not isinstance(name, str) or len(name) > _MAX_NAME:
+        raise MalformedPayload(f"'name' must be a string of at most {_MAX_NAME} characters")
+    return name
+
+
+async def _record_model(
+    uow: RequestUnitOfWork,
+    owner_id: UUID,
+    name: str,
+    key: str,
+    digest: str,
+    size: int,
+    spec: dict[str, list[Any]],
+) -> Model:
     model = Model(
         id=uuid4(),
         name=name,
         owner_id=owner_id,
         blob_key=key,
         digest=digest,
-        size_bytes=len(data),
-        spec={r.name: [r.dtype, list(r.shape)] for r in records},
+        size_bytes=size,
+        spec=spec,
         training_id=None,
         round=None,
     )
     uow.session.add(model)
     await uow.session.flush()
-    log.info("model.uploaded", model_id=str(model.id), digest=digest, size_bytes=len(data))
+    log.info("model.uploaded", model_id=str(model.id), digest=digest, size_bytes=size)
     return model
 
 
@@ -422,22 +485,108 @@ async def receive_update(
 ) -> UpdateReceipt:
     """Accept a client's update for the open round, all or nothing; a repeat answers the first one."""
     session = uow.session
-    training_id = training.id
-    round_ = _integer(doc.fields, "round", minimum=None)
-    existing = await _existing_update(session, training_id, round_, client_id)
-    if existing is not None:
-        return UpdateReceipt(update_id=existing, round=round_, duplicate=True)
-    _require_open(training_id, training.state, training.phase, training.round, round_, RoundPhase.COLLECTING)
+    repeat = await _repeat_or_closed(session, training, client_id, doc.fields)
+    if repeat is not None:
+        return repeat
     num_examples = _integer(doc.fields, "num_examples", minimum=1)
     metrics = _metrics(doc.fields.get("metrics"))
-    model = await session.get(Model, training.current_model_id)
-    if model is None:
-        raise NotFound(f"model {training.current_model_id} of training {training_id} does not exist")
+    model = await _current_model(session, training)
     data = await offload(doc.size, _canonical_update, doc, _spec(model.spec))
     update_id = uuid4()
     key = update_key(update_id)
     await blobs.put(key, data)
     uow.undo_on_rollback(lambda: blobs.delete(key))
+    stored = _Stored(update_id=update_id, key=key, digest=content_key(data)[1], size=len(data))
+    return await _record_update(uow, blobs, training, client_id, doc.fields, stored, num_examples, metrics)
+
+
+async def receive_streamed_update(
+    uow: RequestUnitOfWork,
+    blobs: BlobStore,
+    training: Training,
+    client_id: UUID,
+    reader: TensorDocumentReader,
+) -> UpdateReceipt:
+    """Accept a msgpack update as its body streams in: checked and stored chunk by chunk, never whole.
+
+    The answers are those of `receive_update`. Fields sent before `tensors` are checked before any
+    tensor is read; when the round comes after the tensors, the stored blob is deleted again if the
+    upload turns out to be a repeat or too late.
+    """
+    session = uow.session
+    fields: dict[str, Any] = {}
+    item = await reader.next_item()
+    while isinstance(item, StreamedField):
+        fields[item.name] = item.value
+        item = await reader.next_item()
+    if "round" in fields or item is None:
+        repeat = await _repeat_or_closed(session, training, client_id, fields)
+        if repeat is not None:
+            return repeat
+    if not isinstance(item, StreamedTensors):
+        _integer(fields, "num_examples", minimum=1)
+        _metrics(fields.get("metrics"))
+        parse_tensor_map(None)  # raises: the body has no tensor map
+        raise AssertionError("unreachable")
+    model = await _current_model(session, training)
+    update_id = uuid4()
+    key = update_key(update_id)
+    written = Written(fields)
+    canonical = written.count(canonical_update(items_after(reader), _spec(model.spec), fields))
+    async with aclosing(canonical) as chunks:
+        await blobs.put_stream(key, chunks)
+    uow.undo_on_rollback(lambda: blobs.delete(key))
+    repeat = await _repeat_or_closed(session, training, client_id, fields)
+    if repeat is not None:
+        await blobs.delete(key)
+        return repeat
+    num_examples = _integer(fields, "num_examples", minimum=1)
+    metrics = _metrics(fields.get("metrics"))
+    stored = _Stored(update_id=update_id, key=key, digest=written.digest, size=written.size)
+    return await _record_update(uow, blobs, training, client_id, fields, stored, num_examples, metrics)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    update_id: UUID
+    key: str
+    digest: str
+    size: int
+
+
+async def _current_model(session: AsyncSession, training: Training) -> Model:
+    model = await session.get(Model, training.current_model_id)
+    if model is None:
+        raise NotFound(f"model {training.current_model_id} of training {training.id} does not exist")
+    return model
+
+
+async def _repeat_or_closed(
+    session: AsyncSession, training: Training, client_id: UUID, fields: Mapping[str, Any]
+) -> UpdateReceipt | None:
+    """The first update's receipt for a repeat; None when the round is open; else `RoundClosed`."""
+    round_ = _integer(fields, "round", minimum=None)
+    existing = await _existing_update(session, training.id, round_, client_id)
+    if existing is not None:
+        return UpdateReceipt(update_id=existing, round=round_, duplicate=True)
+    _require_open(training.id, training.state, training.phase, training.round, round_, RoundPhase.COLLECTING)
+    return None
+
+
+async def _record_update(
+    uow: RequestUnitOfWork,
+    blobs: BlobStore,
+    training: Training,
+    client_id: UUID,
+    fields: Mapping[str, Any],
+    stored: _Stored,
+    num_examples: int,
+    metrics: dict[str, float | int],
+) -> UpdateReceipt:
+    """Insert the update's row (unless a concurrent repeat won), recheck the round, announce it."""
+    session = uow.session
+    training_id, update_id, key = training.id, stored.update_id, stored.key
+    round_ = _integer(fields, "round", minimum=None)
     inserted = await session.scalar(
         _insert_unless_present(
             session,
@@ -448,7 +597,7 @@ async def receive_update(
                 "round": round_,
                 "client_id": client_id,
                 "blob_key": key,
-                "digest": content_key(data)[1],
+                "digest": stored.digest,
                 "num_examples": num_examples,
                 "metrics": metrics,
             },
@@ -480,7 +629,7 @@ async def receive_update(
         round=round_,
         client_id=str(client_id),
         update_id=str(update_id),
-        size_bytes=len(data),
+        size_bytes=stored.size,
     )
     return UpdateReceipt(update_id=update_id, round=round_, duplicate=False)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -293,15 +293,15 @@ async def test_round_closing_during_the_upload_leaves_nothing(
 ) -> None:
     """The round closes while the blob is written: 409, and the blob, row and event are all undone."""
     fedhub = world.fedhub
-    real_put = fedhub.runtime.blobs.put
+    real_put = fedhub.runtime.blobs.put_stream
 
-    async def put_then_close_round(key: str, data: bytes | memoryview) -> bool:
+    async def put_then_close_round(key: str, data: AsyncIterator[bytes]) -> bool:
         created = await real_put(key, data)
         # The orchestrator's deadline fires right now.
         await fedhub.set_round(world.training_id, phase=RoundPhase.AGGREGATING)
         return created
 
-    monkeypatch.setattr(fedhub.runtime.blobs, "put", put_then_close_round)
+    monkeypatch.setattr(fedhub.runtime.blobs, "put_stream", put_then_close_round)
     files_before = blob_files(fedhub.blob_root)
     resp = await fedhub.http.post(
         updates_url(world),

@@ -13,12 +13,15 @@ from services.api.schemas import (
     MSGPACK,
     ErrorOut,
     ModelOut,
+    PayloadFormat,
     TensorSpecOut,
     payload_format,
     read_tensor_document,
     wants_json,
     weights_as_json,
 )
+from services.api.uploads import request_chunks
+from shared.codec import TensorDocumentReader
 from shared.db.models import Model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -63,8 +66,12 @@ async def upload_model(
 ) -> ModelOut:
     """Upload a model (msgpack or JSON+base64); it is checked and stored in its canonical encoding."""
     fmt = payload_format(request.headers.get("content-type"))
-    doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
-    model = await service.upload_model(uow, blobs, actor.id, doc)
+    if fmt is PayloadFormat.MSGPACK:
+        reader = TensorDocumentReader(request_chunks(request, settings.max_upload_bytes))
+        model = await service.upload_streamed_model(uow, blobs, actor.id, reader)
+    else:
+        doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
+        model = await service.upload_model(uow, blobs, actor.id, doc)
     return model_out(model)
 
 

@@ -14,10 +14,13 @@ from services.api.schemas import (
     MSGPACK,
     ErrorOut,
     MetricsAccepted,
+    PayloadFormat,
     UpdateAccepted,
     payload_format,
     read_tensor_document,
 )
+from services.api.uploads import request_chunks
+from shared.codec import TensorDocumentReader
 
 router = APIRouter(prefix="/v1/trainings/{training_id}", tags=["updates"])
 
@@ -55,8 +58,12 @@ async def upload_update(
     fmt = payload_format(request.headers.get("content-type"))
     client_id = client.id
     training = await service.participant_training(uow.session, training_id, client_id)
-    doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
-    receipt = await service.receive_update(uow, blobs, training, client_id, doc)
+    if fmt is PayloadFormat.MSGPACK:
+        reader = TensorDocumentReader(request_chunks(request, settings.max_upload_bytes))
+        receipt = await service.receive_streamed_update(uow, blobs, training, client_id, reader)
+    else:
+        doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
+        receipt = await service.receive_update(uow, blobs, training, client_id, doc)
     if receipt.duplicate:
         response.status_code = status.HTTP_200_OK
     return UpdateAccepted(update_id=receipt.update_id, round=receipt.round, duplicate=receipt.duplicate)
