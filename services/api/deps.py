@@ -8,11 +8,11 @@ from typing import Annotated, cast
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from services.api.service import RequestUnitOfWork
 from services.api.settings import ApiSettings
 from shared.auth import bearer_token, principal_for_token
 from shared.blobs import BlobStore
 from shared.db.models import Principal
+from shared.db.uow import UnitOfWork
 from shared.enums import Role
 from shared.errors import Forbidden
 from shared.runtime import Runtime
@@ -40,15 +40,15 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 
 
-async def unit_of_work(runtime: RuntimeDep) -> AsyncIterator[RequestUnitOfWork]:
+async def unit_of_work(runtime: RuntimeDep) -> AsyncIterator[UnitOfWork]:
     """One unit of work per request: committed when the endpoint returns, before the answer is sent."""
-    async with RequestUnitOfWork(runtime.uow) as uow:
+    async with runtime.uow() as uow:
         yield uow
 
 
 # scope="function": the commit happens before the response goes out, so a failed commit becomes the
 # answer instead of following a success the client already received.
-UowDep = Annotated[RequestUnitOfWork, Depends(unit_of_work, scope="function")]
+UowDep = Annotated[UnitOfWork, Depends(unit_of_work, scope="function")]
 
 
 async def current_principal(

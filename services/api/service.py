@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, TypeVar
 from uuid import UUID, uuid4, uuid5
 
 import structlog
@@ -40,7 +39,7 @@ from shared.db.models import (
     Training,
     TrainingRound,
 )
-from shared.db.uow import UnitOfWork, UnitOfWorkFactory
+from shared.db.uow import UnitOfWork
 from shared.enums import Role, RoundPhase, TrainingState
 from shared.errors import (
     IllegalTransition,
@@ -63,47 +62,6 @@ _MAX_NAME = 200
 
 
 # --- the request's unit of work -------------------------------------------------------------------
-
-
-class RequestUnitOfWork(UnitOfWork):
-    """The unit of work of one request: it also undoes outside effects (written blobs) on rollback.
-
-    A blob is written before the row that names it commits; if that transaction then fails, at the
-    boundary or before, the blob must go too, or a refused request would leave bytes behind.
-    """
-
-    def __init__(self, factory: UnitOfWorkFactory) -> None:
-        super().__init__(factory.sessions, factory.on_commit)
-        self.sessions: async_sessionmaker[AsyncSession] = factory.sessions
-        self._undo: list[Callable[[], Awaitable[None]]] = []
-
-    async def __aenter__(self) -> Self:
-        self._undo = []
-        return await super().__aenter__()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        undo, self._undo = self._undo, []
-        try:
-            await super().__aexit__(exc_type, exc, tb)
-        except BaseException:
-            await _run_undo(undo)
-            raise
-        if exc_type is not None:
-            await _run_undo(undo)
-
-    def undo_on_rollback(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Run `callback` if this transaction does not commit."""
-        self._undo.append(callback)
-
-
-async def _run_undo(callbacks: Iterable[Callable[[], Awaitable[None]]]) -> None:
-    for callback in reversed(list(callbacks)):
-        try:
-            await callback()
-        except Exception as exc:  # best effort: the original failure is what the caller must see
-            log.warning("request.undo_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 async def offload(size: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -129,21 +87,19 @@ async def create_principal(uow: UnitOfWork, name: str, role: Role) -> tuple[Prin
 # --- models ---------------------------------------------------------------------------------------
 
 
-async def upload_model(
-    uow: RequestUnitOfWork, blobs: BlobStore, owner_id: UUID, doc: TensorDocument
-) -> Model:
+async def upload_model(uow: UnitOfWork, blobs: BlobStore, owner_id: UUID, doc: TensorDocument) -> Model:
     """Check an uploaded model, store its canonical encoding content-addressed and record it."""
     name = _model_name(doc.fields)
     records, data = await offload(doc.size, _canonical_model, doc)
     key, digest = content_key(data)
     if await blobs.put(key, data):
-        uow.undo_on_rollback(lambda: _drop_unreferenced_model_blob(uow.sessions, blobs, key))
+        uow.on_rollback(lambda: _drop_unreferenced_model_blob(uow.sessions, blobs, key))
     spec = {r.name: [r.dtype, list(r.shape)] for r in records}
     return await _record_model(uow, owner_id, name, key, digest, len(data), spec)
 
 
 async def upload_streamed_model(
-    uow: RequestUnitOfWork, blobs: BlobStore, owner_id: UUID, reader: TensorDocumentReader
+    uow: UnitOfWork, blobs: BlobStore, owner_id: UUID, reader: TensorDocumentReader
 ) -> Model:
     """Check a msgpack model as it streams in and store its canonical encoding, never holding it whole.
 
@@ -174,7 +130,7 @@ async def upload_streamed_model(
     finally:
         spooled.close()
     if created:
-        uow.undo_on_rollback(lambda: _drop_unreferenced_model_blob(uow.sessions, blobs, key))
+        uow.on_rollback(lambda: _drop_unreferenced_model_blob(uow.sessions, blobs, key))
     return await _record_model(uow, owner_id, name, key, written.digest, written.size, spec)
 
 
@@ -186,7 +142,7 @@ def _model_name(fields: Mapping[str, Any]) -> str:
 
 
 async def _record_model(
-    uow: RequestUnitOfWork,
+    uow: UnitOfWork,
     owner_id: UUID,
     name: str,
     key: str,
@@ -481,7 +437,7 @@ async def participant_training(session: AsyncSession, training_id: UUID, client_
 
 
 async def receive_update(
-    uow: RequestUnitOfWork, blobs: BlobStore, training: Training, client_id: UUID, doc: TensorDocument
+    uow: UnitOfWork, blobs: BlobStore, training: Training, client_id: UUID, doc: TensorDocument
 ) -> UpdateReceipt:
     """Accept a client's update for the open round, all or nothing; a repeat answers the first one."""
     session = uow.session
@@ -495,13 +451,13 @@ async def receive_update(
     update_id = uuid4()
     key = update_key(update_id)
     await blobs.put(key, data)
-    uow.undo_on_rollback(lambda: blobs.delete(key))
+    uow.on_rollback(lambda: blobs.delete(key))
     stored = _Stored(update_id=update_id, key=key, digest=content_key(data)[1], size=len(data))
     return await _record_update(uow, blobs, training, client_id, doc.fields, stored, num_examples, metrics)
 
 
 async def receive_streamed_update(
-    uow: RequestUnitOfWork,
+    uow: UnitOfWork,
     blobs: BlobStore,
     training: Training,
     client_id: UUID,
@@ -535,7 +491,7 @@ async def receive_streamed_update(
     canonical = written.count(canonical_update(items_after(reader), _spec(model.spec), fields))
     async with aclosing(canonical) as chunks:
         await blobs.put_stream(key, chunks)
-    uow.undo_on_rollback(lambda: blobs.delete(key))
+    uow.on_rollback(lambda: blobs.delete(key))
     repeat = await _repeat_or_closed(session, training, client_id, fields)
     if repeat is not None:
         await blobs.delete(key)
@@ -574,7 +530,7 @@ async def _repeat_or_closed(
 
 
 async def _record_update(
-    uow: RequestUnitOfWork,
+    uow: UnitOfWork,
     blobs: BlobStore,
     training: Training,
     client_id: UUID,

@@ -7,12 +7,15 @@ from types import TracebackType
 from typing import Self
 from uuid import UUID
 
+import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.bus.base import envelope_for
 from shared.db.models import InboxMessage, OutboxMessage
 from shared.events import Message
+
+log = structlog.get_logger(component="uow")
 
 
 class UnitOfWork:
@@ -30,6 +33,12 @@ class UnitOfWork:
         self._session: AsyncSession | None = None
         self._emitted = 0
         self._after_commit: list[Callable[[], Awaitable[None] | None]] = []
+        self._on_rollback: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def sessions(self) -> async_sessionmaker[AsyncSession]:
+        """The session factory, for work that must see committed state outside this transaction."""
+        return self._sessions
 
     @property
     def session(self) -> AsyncSession:
@@ -42,21 +51,28 @@ class UnitOfWork:
         self._session = self._sessions()
         self._emitted = 0
         self._after_commit = []
+        self._on_rollback = []
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         session = self.session
+        undo, self._on_rollback = self._on_rollback, []
         try:
             if exc_type is None:
                 await session.commit()
             else:
                 await session.rollback()
+        except BaseException:
+            await _best_effort(undo)
+            raise
         finally:
             await session.close()
             self._session = None
-        if exc_type is None:
+        if exc_type is not None:
+            await _best_effort(undo)
+        else:
             if self._emitted and self._on_commit is not None:
                 self._on_commit()
             callbacks, self._after_commit = self._after_commit, []
@@ -72,6 +88,14 @@ class UnitOfWork:
         blobs, waking in-process listeners. They are best effort: a crash right after commit skips them.
         """
         self._after_commit.append(callback)
+
+    def on_rollback(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` if this transaction does not commit (an error inside, or a failed commit).
+
+        Undoes effects outside the database made before the commit, such as a blob written for a row
+        that then never commits: a refused request must leave no bytes behind.
+        """
+        self._on_rollback.append(callback)
 
     def emit(
         self, message: Message, *, correlation_id: UUID | None = None, message_id: UUID | None = None
@@ -105,6 +129,14 @@ class UnitOfWork:
             return False
         self.session.add(InboxMessage(consumer=consumer, message_id=message_id))
         return True
+
+
+async def _best_effort(callbacks: list[Callable[[], Awaitable[None]]]) -> None:
+    for callback in reversed(callbacks):
+        try:
+            await callback()
+        except Exception as exc:  # the original failure is what the caller must see
+            log.warning("uow.undo_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 class UnitOfWorkFactory:

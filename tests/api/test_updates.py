@@ -14,7 +14,6 @@ import pytest
 import structlog.testing
 from sqlalchemy.exc import IntegrityError
 
-from services.api.service import RequestUnitOfWork
 from shared import events
 from shared.codec import decode_tensors, encode_tensors, packb, tensor_map
 from shared.db import models as db
@@ -375,17 +374,17 @@ async def test_request_unit_of_work_undoes_on_rollback_only(world: World) -> Non
         undone.append(True)
 
     async def committed() -> None:
-        async with RequestUnitOfWork(runtime.uow) as uow:
-            uow.undo_on_rollback(undo)
+        async with runtime.uow() as uow:
+            uow.on_rollback(undo)
 
     async def raising() -> None:
-        async with RequestUnitOfWork(runtime.uow) as uow:
-            uow.undo_on_rollback(undo)
+        async with runtime.uow() as uow:
+            uow.on_rollback(undo)
             raise RuntimeError("refused")
 
     async def failing_commit() -> None:
-        async with RequestUnitOfWork(runtime.uow) as uow:
-            uow.undo_on_rollback(undo)
+        async with runtime.uow() as uow:
+            uow.on_rollback(undo)
             # A second principal with the admin's token hash fails at commit (unique token_hash).
             admin = await uow.session.get(PrincipalRow, UUID(world.fedhub.admin.id))
             assert admin is not None
