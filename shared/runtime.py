@@ -36,7 +36,7 @@ class Runtime:
         engine = create_engine(settings.database_url)
         if create_tables:
             await create_schema(engine)
-        blobs = await open_blob_store(settings, engine, create_tables=create_tables)
+        blobs = await open_blob_store(settings, create_tables=create_tables)
         sessions = session_factory(engine)
         if bus is None:
             if settings.amqp_url:
@@ -65,12 +65,15 @@ class Runtime:
         await self.engine.dispose()
 
 
-async def open_blob_store(
-    settings: CommonSettings, engine: AsyncEngine, *, create_tables: bool = False
-) -> BlobStore:
-    """The blob store `settings.blob_backend` names; the postgres one shares the process's engine."""
+async def open_blob_store(settings: CommonSettings, *, create_tables: bool = False) -> BlobStore:
+    """The blob store `settings.blob_backend` names.
+
+    The postgres store gets a connection pool of its own: a request that holds a session while it
+    reads a blob must never wait for a connection from the pool it is holding one of (with 30
+    concurrent downloads that deadlocked until the pool timeout).
+    """
     if settings.blob_backend == "postgres":
-        store = PostgresBlobStore(engine, chunk_size=settings.blob_chunk_size)
+        store = PostgresBlobStore(settings.database_url, chunk_size=settings.blob_chunk_size)
         if create_tables:
             await store.create_tables()
         return store

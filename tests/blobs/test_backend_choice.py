@@ -34,7 +34,7 @@ async def test_postgres_backend_on_sqlite_with_create_tables(tmp_path):
     )
     rt = await Runtime.open(settings, create_tables=True)
     try:
-        assert isinstance(rt.blobs, PostgresBlobStore) and rt.blobs.engine is rt.engine
+        assert isinstance(rt.blobs, PostgresBlobStore) and rt.blobs.engine is not rt.engine  # own pool
         assert await rt.blobs.put("sha256/a", b"x" * 10) is True
         assert await rt.blobs.put("sha256/a", b"y") is False
         assert await rt.blobs.get("sha256/a") == b"x" * 10
@@ -45,11 +45,11 @@ async def test_postgres_backend_on_sqlite_with_create_tables(tmp_path):
 
 @pytest.mark.integration
 async def test_postgres_backend_on_postgres(postgres_url, tmp_path):
-    """Distributed mode: the migrated database holds the blobs, through the runtime's own engine."""
+    """Distributed mode: the migrated database holds the blobs, through a connection pool of their own."""
     settings = CommonSettings(database_url=postgres_url, blob_backend="postgres", blob_path=tmp_path / "b")
     rt = await Runtime.open(settings)
     try:
-        assert isinstance(rt.blobs, PostgresBlobStore) and rt.blobs.engine is rt.engine
+        assert isinstance(rt.blobs, PostgresBlobStore) and rt.blobs.engine is not rt.engine  # own pool
         assert await rt.blobs.put("update/u", b"payload") is True
         assert await rt.blobs.exists("update/u") is True
     finally:
