@@ -33,6 +33,7 @@ check: test
 
 bench: $(STAMP)
 	$(BIN)/python bench/upload_memory.py --mb 500
+	$(BIN)/python bench/e2e.py --json bench-e2e.json
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,667 @@
+"""End-to-end round time of fedhub, round by round, in embedded and distributed mode.
+
+Workload A trains the digits MLP with 8 non-IID clients (a fixed recipe, so the accuracy curve is
+comparable between runs); workload B echoes one 10x10 tensor with 10 to 1,000 clients to measure
+the server's per-round overhead. Round times come from the server's own timeline
+(`GET /v1/trainings/{id}/rounds`): round i lasts from its `started_at` to round i+1's (the last one
+to its `finished_at`). Clients run in this process (asyncio, real HTTP and event streams).
+
+    python bench/e2e.py --json /tmp/e2e.json
+    python bench/e2e.py --small --modes embedded
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+from uuid import UUID, uuid4
+
+import httpx
+import numpy as np
+import torch
+from torch import nn
+
+from fedhub.client import ActorClient, Client
+from fedhub.client.retry import RetryPolicy
+from fedhub.task import (
+    NUM_CLASSES,
+    NUM_FEATURES,
+    dirichlet_split,
+    load_digits_split,
+    make_model,
+    train_one_round,
+)
+from fedhub.task import evaluate as evaluate_model
+
+MODES = ("embedded", "distributed")
+WORKLOADS = ("A", "B")
+A_CLIENTS = 8
+SMALL_ROUNDS_A = 3
+SMALL_CLIENTS_B = 20
+DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+# The issue's goals, beside the figures in the table.
+GOAL_A_S = {"embedded": 0.1, "distributed": 0.2}
+GOAL_B_1000_S = {"embedded": 1.0, "distributed": 2.0}
+GOAL_EMBEDDED_MIB = 250.0
+GOAL_SERVICE_MIB = 150.0
+GOAL_SERVICES = ("api", "orchestrator", "notifier")
+
+
+@dataclass
+class BenchConfig:
+    """Where distributed runs find PostgreSQL and RabbitMQ, and where files go."""
+
+    admin_dsn: str = field(
+        default_factory=lambda: os.environ.get(
+            "FEDHUB_BENCH_POSTGRES_DSN", os.environ.get("FEDHUB_TEST_POSTGRES_DSN", DEFAULT_ADMIN_DSN)
+        )
+    )
+    """A PostgreSQL database the bench may connect to and create (and drop) databases from."""
+    amqp_url: str = field(
+        default_factory=lambda: os.environ.get("FEDHUB_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    )
+    work_dir: Path | None = None
+    """Parent of each run's data (SQLite, blobs, logs); a temporary folder when None."""
+    aggregators: int = 2
+    log_level: str = "WARNING"
+    round_timeout_s: float = 600.0
+    run_timeout_s: float = 900.0
+    shared_http: bool = False
+    """One `httpx.AsyncClient` for all the simulated clients instead of one each."""
+    """A run taking longer is cancelled and reported as failed, so that the others still run."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# RSS sampling
+# ---------------------------------------------------------------------------------------------------
+
+
+def rss_mib(pid: int) -> float | None:
+    """VmRSS of `pid` in MiB, None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler:
+    """A thread reading VmRSS of named processes every `interval_s`, keeping each one's peak."""
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 0.2) -> None:
+        self.pids = pids
+        self.interval_s = interval_s
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        for name, pid in self.pids.items():
+            value = rss_mib(pid)
+            if value is not None:
+                self.peak[name] = max(self.peak.get(name, 0.0), value)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def result(self) -> dict[str, float]:
+        """Peak MiB per process, rounded."""
+        return {name: round(value, 1) for name, value in self.peak.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Servers
+# ---------------------------------------------------------------------------------------------------
+
+
+class Server(Protocol):
+    """What the bench needs of an embedded server or a local cluster."""
+
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def events_url(self) -> str: ...
+    @property
+    def admin_token(self) -> str: ...
+
+
+@contextlib.asynccontextmanager
+async def serve(mode: str, config: BenchConfig) -> AsyncIterator[tuple[Server, dict[str, int]]]:
+    """Run fedhub in `mode`; yield the server and the pids whose RSS to sample, by name.
+
+    Embedded mode runs in this process, clients included, so its one figure is the bench process's.
+    Distributed mode gets a fresh PostgreSQL database and a bus namespace of its own, dropped after.
+    """
+    with tempfile.TemporaryDirectory(prefix="fedhub-bench-", dir=config.work_dir) as tmp:
+        data_dir = Path(tmp)
+        if mode == "embedded":
+            from fedhub.embedded import EmbeddedServer, EmbeddedSettings
+
+            settings = EmbeddedSettings(data_dir=data_dir, log_level=config.log_level)
+            async with EmbeddedServer(settings) as server:
+                yield server, {"embedded": os.getpid()}
+            return
+        if mode != "distributed":
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        from fedhub.distributed import ClusterSettings, LocalCluster
+
+        database = await create_database(config.admin_dsn)
+        try:
+            cluster_settings = ClusterSettings(
+                database_url=async_url(config.admin_dsn, database),
+                amqp_url=config.amqp_url,
+                aggregators=config.aggregators,
+                log_dir=data_dir / "logs",
+                log_level=config.log_level,
+                bus_namespace=f"fedhub-bench-{uuid4().hex[:8]}",
+            )
+            async with LocalCluster(cluster_settings) as cluster:
+                pids = {
+                    name: service.process.pid
+                    for name, service in cluster.services.items()
+                    if service.process is not None
+                }
+                # The clients live in the bench process: shown apart from the services.
+                pids["bench (clients)"] = os.getpid()
+                yield cluster, pids
+        finally:
+            await drop_database(config.admin_dsn, database)
+
+
+def async_url(admin_dsn: str, database: str) -> str:
+    """The SQLAlchemy asyncpg URL of `database` on the server of `admin_dsn`."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_dsn).set(drivername="postgresql+asyncpg", database=database)
+    return url.render_as_string(hide_password=False)
+
+
+async def create_database(admin_dsn: str) -> str:
+    """Create an empty, uniquely named database; return its name (`fedhub db upgrade` migrates it)."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    name = f"fedhub_bench_{uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin_dsn, timeout=5)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_database(admin_dsn: str, name: str) -> None:
+    """Drop `name`, closing the connections still open to it."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_dsn, timeout=5)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------------
+
+
+def _mlp() -> nn.Module:
+    # The same architecture as make_model, built without reseeding the global RNG from worker threads.
+    return nn.Sequential(nn.Linear(NUM_FEATURES, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES))
+
+
+def _load(weights: dict[str, torch.Tensor]) -> nn.Module:
+    model = _mlp()
+    model.load_state_dict(weights)
+    return model
+
+
+@dataclass(frozen=True, eq=False)
+class DigitsRecipe:
+    """Workload A's data: the digits split, 8 Dirichlet(0.5) client shares of the training part."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    shares: tuple[np.ndarray, ...]
+
+    @classmethod
+    def create(cls, num_clients: int = A_CLIENTS) -> DigitsRecipe:
+        """`train_test_split(X / 16, y, test_size=0.2, random_state=0)`; Dirichlet(0.5) with seed 0."""
+        x_train, x_test, y_train, y_test = load_digits_split()
+        shares = dirichlet_split(y_train, num_clients, alpha=0.5, seed=0)
+        return cls(x_train, y_train, x_test, y_test, tuple(shares))
+
+    def fit_fn(self, client: int) -> Callable[..., tuple[dict[str, torch.Tensor], int, dict[str, float]]]:
+        """One local epoch of SGD (lr 0.05, batch 32) on the client's whole share."""
+        x, y = self.x_train[self.shares[client]], self.y_train[self.shares[client]]
+
+        def fit(weights: dict[str, torch.Tensor], config: dict[str, Any]):
+            model = _load(weights)
+            metrics = train_one_round(
+                model, x, y, round=int(config["round"]), client=client, epochs=1, lr=0.05, batch_size=32
+            )
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}, len(y), metrics
+
+        return fit
+
+    def evaluate_fn(self, client: int) -> Callable[..., tuple[int, dict[str, float]]]:
+        """The test round's evaluation, on the client's share."""
+        x, y = self.x_train[self.shares[client]], self.y_train[self.shares[client]]
+
+        def evaluate(weights: dict[str, torch.Tensor], config: dict[str, Any]):
+            return evaluate_model(_load(weights), x, y)
+
+        return evaluate
+
+    def test_accuracy(self, weights: dict[str, torch.Tensor]) -> float:
+        """Accuracy of a global model on the held-out test split."""
+        _, metrics = evaluate_model(_load(weights), self.x_test, self.y_test)
+        return round(metrics["accuracy"], 4)
+
+
+def _echo(weights: dict[str, torch.Tensor], config: dict[str, Any]):
+    """Workload B's fit: the global model back, with sample size 1."""
+    return weights, 1, {}
+
+
+def round_durations(rounds: Sequence[dict[str, Any]]) -> list[float]:
+    """Seconds from each round's start to the next one's (the last: to its `finished_at`)."""
+    out = []
+    for i, r in enumerate(rounds):
+        start = datetime.fromisoformat(str(r["started_at"]))
+        end = rounds[i + 1]["started_at"] if i + 1 < len(rounds) else r.get("finished_at")
+        if end:
+            out.append(round((datetime.fromisoformat(str(end)) - start).total_seconds(), 4))
+    return out
+
+
+def until_aggregated(rounds: Sequence[dict[str, Any]]) -> list[float | None]:
+    """Seconds from each round's start to its model's being recorded (collecting + aggregating)."""
+    out: list[float | None] = []
+    for r in rounds:
+        done = r.get("aggregated_at")
+        start = datetime.fromisoformat(str(r["started_at"]))
+        out.append(round((datetime.fromisoformat(str(done)) - start).total_seconds(), 4) if done else None)
+    return out
+
+
+@dataclass
+class _Participants:
+    fit: Callable[[int], Any]
+    evaluate: Callable[[int], Any] | None
+
+
+async def _run_training(
+    server: Server,
+    pids: dict[str, int],
+    *,
+    initial: dict[str, torch.Tensor],
+    num_clients: int,
+    rounds: int,
+    participants: _Participants,
+    skip_model_tests: bool,
+    config: BenchConfig,
+) -> tuple[dict[str, Any], list[dict[str, Any]], ActorClient]:
+    """Create principals and a training, run the clients to the end; the leaf (without accuracy),
+    the rounds and the (open) actor client."""
+    requests = 0
+
+    async def count(request: httpx.Request) -> None:
+        nonlocal requests
+        requests += 1
+
+    timeout = httpx.Timeout(300.0, connect=60.0)
+    if config.shared_http:
+        # One pool for every client: each holds an event stream open and makes a request or two at once.
+        size = 2 * num_clients + 20
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        shared = httpx.AsyncClient(limits=limits, timeout=timeout, event_hooks={"request": [count]})
+        https = [shared] * num_clients
+    else:
+        # httpcore matches queued requests to connections in time linear in the pool, per request:
+        # one small pool per client keeps the harness from dominating at 100+ clients.
+        https = [
+            httpx.AsyncClient(timeout=timeout, event_hooks={"request": [count]}) for _ in range(num_clients)
+        ]
+    actor = ActorClient(server.base_url, server.admin_token, events_url=server.events_url)
+    setup_started = time.perf_counter()
+    semaphore = asyncio.Semaphore(50)
+
+    async def principal(i: int) -> Any:
+        async with semaphore:
+            return await actor.create_principal(f"bench-client-{i}")
+
+    principals = await asyncio.gather(*(principal(i) for i in range(num_clients)))
+    model = await actor.upload_model(initial, name="bench")
+    training = await actor.create_training(
+        model.id,
+        [p.id for p in principals],
+        rounds=rounds,
+        round_timeout_s=config.round_timeout_s,
+        skip_model_tests=skip_model_tests,
+    )
+    training_id = UUID(str(training["id"]))
+    retry = RetryPolicy(attempts=8)
+    clients = [
+        Client(
+            server.base_url,
+            p.token,
+            fit=participants.fit(i),
+            evaluate=participants.evaluate(i) if participants.evaluate is not None else None,
+            training_id=training_id,
+            http=https[i],
+            retry=retry,
+            name=p.name,
+            events_url=server.events_url,
+        )
+        for i, p in enumerate(principals)
+    ]
+    try:
+        with RssSampler(pids) as sampler:
+            tasks = [asyncio.create_task(c.run(), name=f"bench-client-{i}") for i, c in enumerate(clients)]
+            setup_s = time.perf_counter() - setup_started
+            requests = 0
+            started = time.perf_counter()
+            await actor.start_training(training_id)
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+            training_s = time.perf_counter() - started
+    finally:
+        for http in set(https):
+            await http.aclose()
+    final = await actor.get_training(training_id)
+    rounds_json = await actor.get_rounds(training_id)
+    round_s = round_durations(rounds_json)
+    leaf: dict[str, Any] = {
+        "clients": num_clients,
+        "rounds": rounds,
+        "state": str(final["state"]),
+        "clients_finished": sum(r.state == "COMPLETED" for r in results),
+        "num_updates": [r.get("num_updates") for r in rounds_json],
+        "round_s": round_s,
+        "round_s_median": round(statistics.median(round_s), 4) if round_s else None,
+        "until_aggregated_s": until_aggregated(rounds_json),
+        "training_s": round(training_s, 3),
+        "setup_s": round(setup_s, 3),
+        "requests_per_client_round": round(requests / (num_clients * rounds), 2),
+        "rss_mib": sampler.result(),
+    }
+    return leaf, rounds_json, actor
+
+
+async def run_workload_a(mode: str, rounds: int = 10, config: BenchConfig | None = None) -> dict[str, Any]:
+    """Workload A in `mode`: 8 digits clients, `rounds` rounds with a test round after each."""
+    config = config or BenchConfig()
+    recipe = DigitsRecipe.create()
+    initial = {k: v.detach().clone() for k, v in make_model(0).state_dict().items()}
+    async with serve(mode, config) as (server, pids):
+        leaf, rounds_json, actor = await _run_training(
+            server,
+            pids,
+            initial=initial,
+            num_clients=A_CLIENTS,
+            rounds=rounds,
+            participants=_Participants(recipe.fit_fn, recipe.evaluate_fn),
+            skip_model_tests=False,
+            config=config,
+        )
+        try:
+            # Scored after the run, so that the bench's own evaluation is not on the round timeline.
+            accuracy = [recipe.test_accuracy(initial)]
+            for r in rounds_json:
+                if r.get("model_id"):
+                    accuracy.append(recipe.test_accuracy(await actor.download_model(str(r["model_id"]))))
+        finally:
+            await actor.aclose()
+    leaf["accuracy"] = accuracy
+    return leaf
+
+
+async def run_workload_b(
+    mode: str, clients: int, rounds: int = 5, config: BenchConfig | None = None
+) -> dict[str, Any]:
+    """Workload B in `mode`: `clients` clients echo one 10x10 tensor for `rounds` rounds, no tests."""
+    config = config or BenchConfig()
+    initial = {"w": torch.zeros(10, 10, dtype=torch.float32)}
+    async with serve(mode, config) as (server, pids):
+        leaf, _, actor = await _run_training(
+            server,
+            pids,
+            initial=initial,
+            num_clients=clients,
+            rounds=rounds,
+            participants=_Participants(lambda i: _echo, None),
+            skip_model_tests=True,
+            config=config,
+        )
+        await actor.aclose()
+    return leaf
+
+
+async def run_bench(
+    workloads: Sequence[str] = WORKLOADS,
+    modes: Sequence[str] = MODES,
+    clients: Sequence[int] = (10, 100, 1000),
+    rounds_a: int = 10,
+    rounds_b: int = 5,
+    config: BenchConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every requested run; `{"A": {mode: leaf}, "B": {mode: {str(n): leaf}}}`. A failed run's leaf
+    holds `{"error": ...}` so the others still report; `checkpoint` gets the results after each run."""
+    config = config or BenchConfig()
+    say = progress or (lambda _: None)
+    out: dict[str, Any] = {}
+    for workload in workloads:
+        for mode in modes:
+            runs: list[tuple[str | None, Callable[[], Awaitable[dict[str, Any]]]]]
+            if workload == "A":
+                runs = [(None, functools.partial(run_workload_a, mode, rounds_a, config))]
+            elif workload == "B":
+                runs = [
+                    (str(n), functools.partial(run_workload_b, mode, n, rounds_b, config)) for n in clients
+                ]
+            else:
+                raise ValueError(f"unknown workload {workload!r}; expected one of {WORKLOADS}")
+            for key, run in runs:
+                label = f"{workload} {mode}" + (f" {key} clients" if key else "")
+                say(f"running {label} ...")
+                started = time.perf_counter()
+                try:
+                    leaf = await asyncio.wait_for(run(), config.run_timeout_s)
+                except TimeoutError:
+                    leaf = {"error": f"not finished after {config.run_timeout_s:.0f} s"}
+                except Exception as exc:
+                    leaf = {"error": f"{type(exc).__name__}: {exc}"}
+                leaf["wall_s"] = round(time.perf_counter() - started, 2)
+                say(f"{label}: median {leaf.get('round_s_median')} s/round, {leaf['wall_s']} s in all")
+                target = out.setdefault(workload, {})
+                if key is None:
+                    target[mode] = leaf
+                else:
+                    target.setdefault(mode, {})[key] = leaf
+                if checkpoint is not None:
+                    checkpoint(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+
+def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    rows = []
+    for mode, leaf in results.get("A", {}).items():
+        rows.append(("A (digits, 8 clients)", mode, "8", leaf))
+    for mode, by_n in results.get("B", {}).items():
+        for n, leaf in by_n.items():
+            rows.append(("B (10x10 echo)", mode, n, leaf))
+    return rows
+
+
+def _round_goal(workload: str, mode: str, n: str) -> float | None:
+    if workload.startswith("A"):
+        return GOAL_A_S[mode]
+    return GOAL_B_1000_S[mode] if n == "1000" else None
+
+
+def _rss_goal(mode: str, name: str) -> float | None:
+    if mode == "embedded":
+        return GOAL_EMBEDDED_MIB
+    return GOAL_SERVICE_MIB if name in GOAL_SERVICES else None
+
+
+def _rss_text(mode: str, rss: dict[str, float]) -> str:
+    parts = []
+    for name, mib in rss.items():
+        goal = _rss_goal(mode, name)
+        parts.append(f"{name} {mib:.0f}" + (f" (≤ {goal:.0f})" if goal else ""))
+    return ", ".join(parts)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """The medians and peaks beside the goals, as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fedhub end-to-end round time", header_style="bold")
+    for column in ("workload", "mode", "clients", "median s/round", "goal", "rounds (s)", "peak RSS MiB"):
+        table.add_column(column)
+    for workload, mode, n, leaf in _rows(results):
+        if "error" in leaf:
+            table.add_row(workload, mode, n, "failed", "", leaf["error"][:80], "")
+            continue
+        goal = _round_goal(workload, mode, n)
+        median = leaf["round_s_median"]
+        style = "" if goal is None or median is None else ("green" if median <= goal else "red")
+        table.add_row(
+            workload,
+            mode,
+            n,
+            f"[{style}]{median:.3f}[/]" if style else f"{median}",
+            f"≤ {goal}" if goal is not None else "",
+            " ".join(f"{s:.3f}" for s in leaf["round_s"]),
+            _rss_text(mode, leaf["rss_mib"]),
+        )
+    console = Console()
+    console.print(table)
+    for mode, leaf in results.get("A", {}).items():
+        if "accuracy" in leaf:
+            console.print(f"A {mode} accuracy (initial first): {leaf['accuracy']}")
+    console.print("embedded RSS is the bench process: the server and the simulated clients together.")
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The same figures as a markdown table for the README."""
+    lines = [
+        "| workload | mode | clients | median s/round (goal) | rounds (s) | peak RSS MiB (goal) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workload, mode, n, leaf in _rows(results):
+        if "error" in leaf:
+            lines.append(f"| {workload} | {mode} | {n} | failed: {leaf['error'][:60]} | | |")
+            continue
+        goal = _round_goal(workload, mode, n)
+        median = f"{leaf['round_s_median']:.3f}" + (f" (≤ {goal})" if goal is not None else "")
+        rounds = " ".join(f"{s:.3f}" for s in leaf["round_s"])
+        lines.append(
+            f"| {workload} | {mode} | {n} | {median} | {rounds} | {_rss_text(mode, leaf['rss_mib'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python bench/e2e.py [--small] [--workloads A,B] [--modes ...] [--json PATH]`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--workloads", type=_csv, default=list(WORKLOADS))
+    parser.add_argument("--modes", type=_csv, default=list(MODES))
+    parser.add_argument("--clients", type=lambda v: [int(n) for n in _csv(v)], default=[10, 100, 1000])
+    parser.add_argument("--rounds-a", type=int, default=10)
+    parser.add_argument("--rounds-b", type=int, default=5)
+    parser.add_argument("--run-timeout-s", type=float, default=900.0, help="give up on a run after this")
+    parser.add_argument(
+        "--shared-http", action="store_true", help="one httpx pool for all clients (slower at 100+)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help=f"the test size: A {SMALL_ROUNDS_A} rounds, B {SMALL_CLIENTS_B} clients",
+    )
+    args = parser.parse_args(argv)
+    if args.small:
+        args.rounds_a, args.clients = SMALL_ROUNDS_A, [SMALL_CLIENTS_B]
+    from shared.logging import configure_logging
+
+    config = BenchConfig(run_timeout_s=args.run_timeout_s, shared_http=args.shared_http)
+    configure_logging(config.log_level)
+    # Simulated clients train in worker threads: one torch thread each avoids oversubscription.
+    torch.set_num_threads(1)
+
+    def write_json(results: dict[str, Any]) -> None:
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+    results = asyncio.run(
+        run_bench(
+            args.workloads,
+            args.modes,
+            args.clients,
+            args.rounds_a,
+            args.rounds_b,
+            config,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+            checkpoint=write_json,
+        )
+    )
+    print_table(results)
+    if args.markdown:
+        print(markdown_table(results))
+    failed = [label for label, _, _, leaf in _rows(results) if "error" in leaf]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The end-to-end bench at its test size: the JSON it writes has the documented shape, trainings
+complete and the digits model learns. Figures are never asserted: this machine's timing is not a test."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import uuid4
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+from bench.e2e import SMALL_CLIENTS_B, SMALL_ROUNDS_A, BenchConfig, markdown_table, run_bench
+from tests import postgres
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+
+def _check_leaf(leaf: dict[str, Any], clients: int, rounds: int) -> None:
+    assert "error" not in leaf, leaf.get("error")
+    assert leaf["state"] == "COMPLETED"
+    assert leaf["clients_finished"] == clients
+    assert leaf["num_updates"] == [clients] * rounds
+    assert len(leaf["round_s"]) == rounds
+    assert all(isinstance(s, float) and s > 0 for s in leaf["round_s"])
+    assert leaf["round_s_median"] == pytest.approx(sorted(leaf["round_s"])[rounds // 2])
+    assert leaf["rss_mib"], "at least one process was sampled"
+    assert all(mib > 0 for mib in leaf["rss_mib"].values())
+    assert leaf["requests_per_client_round"] > 0
+
+
+def _check(results: dict[str, Any], mode: str) -> None:
+    assert set(results) == {"A", "B"}
+    assert set(results["A"]) == {mode}
+    assert set(results["B"]) == {mode}
+    assert set(results["B"][mode]) == {str(SMALL_CLIENTS_B)}
+    a = results["A"][mode]
+    _check_leaf(a, 8, SMALL_ROUNDS_A)
+    assert len(a["accuracy"]) == SMALL_ROUNDS_A + 1, "the initial model's accuracy, then one per round"
+    assert a["accuracy"][-1] > a["accuracy"][0], f"the model did not learn: {a['accuracy']}"
+    _check_leaf(results["B"][mode][str(SMALL_CLIENTS_B)], SMALL_CLIENTS_B, 5)
+    assert mode in markdown_table(results)
+
+
+async def _small(mode: str, config: BenchConfig) -> dict[str, Any]:
+    return await run_bench(
+        ("A", "B"), (mode,), (SMALL_CLIENTS_B,), rounds_a=SMALL_ROUNDS_A, rounds_b=5, config=config
+    )
+
+
+async def test_embedded_small_bench(tmp_path) -> None:
+    """Embedded mode: both workloads complete; the one RSS figure is the bench process's."""
+    results = await _small("embedded", BenchConfig(work_dir=tmp_path))
+    _check(results, "embedded")
+    assert set(results["A"]["embedded"]["rss_mib"]) == {"embedded"}
+
+
+@pytest.mark.integration
+async def test_distributed_small_bench(tmp_path, rabbitmq_url: str) -> None:
+    """Distributed mode: both workloads complete over PostgreSQL and RabbitMQ; every service is sampled."""
+    try:
+        await postgres.drop_database(f"fedhub_bench_probe_{uuid4().hex[:8]}")  # reachable?
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        postgres.unavailable(f"{type(exc).__name__}: {exc}")
+    config = BenchConfig(admin_dsn=postgres.ADMIN_DSN, amqp_url=rabbitmq_url, work_dir=tmp_path)
+    results = await _small("distributed", config)
+    _check(results, "distributed")
+    rss = results["B"]["distributed"][str(SMALL_CLIENTS_B)]["rss_mib"]
+    assert {"api", "notifier", "orchestrator", "aggregator-1", "aggregator-2"} <= set(rss)
