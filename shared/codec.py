@@ -200,26 +200,16 @@ def parse_tensor_map(raw: object) -> list[TensorRecord]:
 
 def make_record(name: str, dtype: object, shape: object, data: object) -> TensorRecord:
     """Check one tensor's dtype, shape and byte length and build its record."""
-    if not isinstance(dtype, str):
-        raise MalformedPayload(f"tensor {name!r}: 'dtype' must be a string")
-    if dtype not in DTYPE_ITEMSIZE:
-        raise UnsupportedDtype(
-            f"tensor {name!r}: dtype {dtype!r} is not supported (supported: {', '.join(DTYPE_ITEMSIZE)})"
-        )
-    if not isinstance(shape, list | tuple) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise MalformedPayload(f"tensor {name!r}: 'shape' must be a list of non-negative integers")
+    dtype_name, dims, expected = check_tensor_header(name, dtype, shape)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedPayload(f"tensor {name!r}: 'data' must be raw bytes")
     view = memoryview(data).cast("B")
-    expected = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
     if view.nbytes != expected:
         raise MalformedPayload(
-            f"tensor {name!r}: {view.nbytes} bytes of data for shape {list(shape)} of {dtype} "
+            f"tensor {name!r}: {view.nbytes} bytes of data for shape {list(dims)} of {dtype_name} "
             f"(expected {expected})"
         )
-    return TensorRecord(name=name, dtype=dtype, shape=tuple(shape), data=view)
+    return TensorRecord(name=name, dtype=dtype_name, shape=dims, data=view)
 
 
 # --- streamed tensor documents ----------------------------------------------------------------
@@ -537,7 +527,7 @@ def _scalar_name(first: int) -> str:
 
 
 def check_tensor_header(name: str, dtype: object, shape: object) -> tuple[str, tuple[int, ...], int]:
-    """Check a tensor's dtype and shape as `make_record` does; return them with the expected byte count."""
+    """Check a tensor's dtype and shape (also for `make_record`); return them with the expected byte count."""
     if not isinstance(dtype, str):
         raise MalformedPayload(f"tensor {name!r}: 'dtype' must be a string")
     if dtype not in DTYPE_ITEMSIZE:
