@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID, uuid4
 
 import httpx
@@ -37,6 +37,7 @@ from torch import nn
 
 from fedhub.client import ActorClient, Client
 from fedhub.client.retry import RetryPolicy
+from fedhub.demo import Server
 from fedhub.task import (
     NUM_CLASSES,
     NUM_FEATURES,
@@ -141,17 +142,6 @@ class RssSampler:
 # ---------------------------------------------------------------------------------------------------
 # Servers
 # ---------------------------------------------------------------------------------------------------
-
-
-class Server(Protocol):
-    """What the bench needs of an embedded server or a local cluster."""
-
-    @property
-    def base_url(self) -> str: ...
-    @property
-    def events_url(self) -> str: ...
-    @property
-    def admin_token(self) -> str: ...
 
 
 @contextlib.asynccontextmanager

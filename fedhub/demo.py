@@ -90,7 +90,9 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> Demo
             return await _run(server, options, console)
 
 
-class _Server(Protocol):
+class Server(Protocol):
+    """Where clients reach a running fedhub: an `EmbeddedServer` or a `LocalCluster`."""
+
     @property
     def base_url(self) -> str: ...
     @property
@@ -99,7 +101,7 @@ class _Server(Protocol):
     def admin_token(self) -> str: ...
 
 
-async def _run(server: _Server, options: DemoOptions, console: Console) -> DemoSummary:
+async def _run(server: Server, options: DemoOptions, console: Console) -> DemoSummary:
     workload = DemoWorkload.create(options.clients, seed=options.seed, alpha=options.alpha)
     actor = ActorClient(server.base_url, server.admin_token, events_url=server.events_url)
     try:
