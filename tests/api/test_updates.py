@@ -14,6 +14,7 @@ import pytest
 import structlog.testing
 from sqlalchemy.exc import IntegrityError
 
+from services.api import service as api_service
 from shared import events
 from shared.codec import decode_tensors, encode_tensors, packb, tensor_map
 from shared.db import models as db
@@ -353,17 +354,46 @@ async def test_concurrent_duplicates_keep_one_update(world: World) -> None:
     headers = {**world.alice.headers, "Content-Type": MSGPACK}
     body = msgpack_body(model_tensors(), round=1, num_examples=5)
     files_before = blob_files(fedhub.blob_root)
-    with structlog.testing.capture_logs() as logs:
-        answers = await asyncio.gather(
-            *(fedhub.http.post(updates_url(world), content=body, headers=headers) for _ in range(4))
-        )
+    answers = await asyncio.gather(
+        *(fedhub.http.post(updates_url(world), content=body, headers=headers) for _ in range(4))
+    )
     assert sorted(a.status_code for a in answers) == [200, 200, 200, 201]
     assert len({a.json()["update_id"] for a in answers}) == 1
     assert await fedhub.count(db.ClientUpdate) == 1
     assert len(blob_files(fedhub.blob_root) - files_before) == 1
     assert len(await fedhub.published(UpdateReceived)) == 1
-    # At least one repeat got past the first check and was caught by the insert that does nothing.
+
+
+async def test_repeat_that_passes_the_checks_is_caught_by_the_insert(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race made certain: the repeat's lookups miss the first row until its insert does nothing."""
+    fedhub = world.fedhub
+    headers = {**world.alice.headers, "Content-Type": MSGPACK}
+    body = msgpack_body(model_tensors(), round=1, num_examples=5)
+    first = await fedhub.http.post(updates_url(world), content=body, headers=headers)
+    files_after_first = blob_files(fedhub.blob_root)
+    real_lookup, real_insert = api_service._existing_update, api_service._insert_unless_present
+    inserts: list[str] = []
+
+    async def lookup_blind_until_insert(*args: Any) -> UUID | None:
+        return await real_lookup(*args) if inserts else None
+
+    def insert_noting(session: Any, table: type[Any], values: dict[str, Any]) -> Any:
+        inserts.append(table.__name__)
+        return real_insert(session, table, values)
+
+    monkeypatch.setattr(api_service, "_existing_update", lookup_blind_until_insert)
+    monkeypatch.setattr(api_service, "_insert_unless_present", insert_noting)
+    with structlog.testing.capture_logs() as logs:
+        second = await fedhub.http.post(updates_url(world), content=body, headers=headers)
+    assert inserts == ["ClientUpdate"]
+    assert second.status_code == 200, second.text
+    assert second.json() == {"update_id": first.json()["update_id"], "round": 1, "duplicate": True}
     assert any(entry["event"] == "update.duplicate_raced" for entry in logs)
+    assert await fedhub.count(db.ClientUpdate) == 1
+    assert blob_files(fedhub.blob_root) == files_after_first
+    assert len(await fedhub.published(UpdateReceived)) == 1
 
 
 async def test_request_unit_of_work_undoes_on_rollback_only(world: World) -> None:
