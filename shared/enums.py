@@ -1,4 +1,4 @@
-"""Vocabulary every service agrees on: roles, training states, round phases, aggregation methods."""
+"""Vocabulary every service agrees on: roles, training states, round phases (aggregation methods: shared.aggregation)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,3 @@ class RoundPhase(enum.StrEnum):
     COLLECTING = "COLLECTING"
     AGGREGATING = "AGGREGATING"
     TESTING = "TESTING"
-
-
-class AggregationMethod(enum.StrEnum):
-    """Server-side aggregation methods a training may name."""
-
-    FEDAVG = "fedavg"

@@ -17,7 +17,8 @@ from starlette.requests import Request
 
 from services.api.errors import PayloadTooLarge, UnsupportedMediaType
 from shared.codec import TensorRecord, decode_document, decode_tensors, parse_tensor_map
-from shared.enums import AggregationMethod, Role, RoundPhase, TrainingState
+from shared.aggregation import AggregationMethod
+from shared.enums import Role, RoundPhase, TrainingState
 from shared.errors import MalformedPayload
 
 OFFLOAD_BYTES = 1 << 20
