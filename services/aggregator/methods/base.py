@@ -94,7 +94,8 @@ class Method(ABC):
 
     def __init__(self, ctx: RoundContext, params: MethodParams) -> None:
         if not isinstance(params, self.params_type):
-            raise TypeError(f"{type(self).__name__} takes {self.params_type.__name__}, got {type(params).__name__}")
+            wanted, got = self.params_type.__name__, type(params).__name__
+            raise TypeError(f"{type(self).__name__} takes {wanted}, got {got}")
         self.ctx = ctx
         self.params = params
 
