@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from services.aggregator.methods import METHODS, FedAvg, InvalidWeight, NothingToAggregate, UpdateMismatch
-from shared.enums import AggregationMethod
+from services.aggregator.methods import (
+    METHODS,
+    FedAvg,
+    FedProx,
+    InvalidWeight,
+    NothingToAggregate,
+    RoundContext,
+    UpdateMismatch,
+)
+from shared.aggregation import AggregationMethod, FedAvgParams, FedProxParams
 
 CPU = torch.device("cpu")
 
@@ -46,12 +54,17 @@ def reference(updates: list[dict[str, torch.Tensor]], weights: list[float]) -> d
     return out
 
 
+def fedavg(base, device=CPU) -> FedAvg:
+    """A FedAvg over `base` on `device`."""
+    return FedAvg(RoundContext(base=base, device=device), FedAvgParams())
+
+
 def aggregate(base, updates, weights) -> dict[str, torch.Tensor]:
-    """Run FedAvg over `updates` with `weights`."""
-    fedavg = FedAvg(base, CPU)
+    """Run FedAvg over `updates` with `weights`; the new model."""
+    method = fedavg(base)
     for update, weight in zip(updates, weights, strict=True):
-        fedavg.add(update, weight)
-    return fedavg.result()
+        method.add(update, weight)
+    return method.result().model
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -136,18 +149,18 @@ def test_all_weights_zero_raises_nothing_to_aggregate():
     """Only zero-weight updates leave no mean to take."""
     gen = torch.Generator().manual_seed(6)
     base = random_state(gen)
-    fedavg = FedAvg(base, CPU)
-    fedavg.add(random_state(gen), 0.0)
-    fedavg.add(random_state(gen), 0.0)
+    method = fedavg(base)
+    method.add(random_state(gen), 0.0)
+    method.add(random_state(gen), 0.0)
     with pytest.raises(NothingToAggregate, match="total weight of 0"):
-        fedavg.result()
+        method.result()
 
 
 def test_no_update_raises_nothing_to_aggregate():
     """result() before any add() is refused by name."""
-    fedavg = FedAvg({"w": torch.zeros(2)}, CPU)
+    method = fedavg({"w": torch.zeros(2)})
     with pytest.raises(NothingToAggregate, match="no update"):
-        fedavg.result()
+        method.result()
 
 
 def test_tensor_missing_from_some_updates_is_averaged_over_its_senders():
@@ -166,8 +179,8 @@ def test_tensor_missing_from_some_updates_is_averaged_over_its_senders():
 def test_update_that_does_not_fit_the_base_is_refused_whole():
     """Unknown names, other dtypes or shapes raise UpdateMismatch naming the tensor, and add nothing."""
     base = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
-    fedavg = FedAvg(base, CPU)
-    fedavg.add({"w": torch.ones(2, 2), "b": torch.ones(2)}, 1.0)
+    method = fedavg(base)
+    method.add({"w": torch.ones(2, 2), "b": torch.ones(2)}, 1.0)
     bad_updates = [
         {"w": torch.full((2, 2), 9.0), "extra": torch.zeros(1)},
         {"w": torch.full((2, 2), 9.0), "b": torch.zeros(3)},
@@ -175,36 +188,36 @@ def test_update_that_does_not_fit_the_base_is_refused_whole():
     ]
     for bad, name in zip(bad_updates, ["extra", "b", "b"], strict=True):
         with pytest.raises(UpdateMismatch, match=repr(name)):
-            fedavg.add(bad, 1.0)
-    assert fedavg.num_added == 1
-    result = fedavg.result()
+            method.add(bad, 1.0)
+    assert method.num_added == 1
+    result = method.result().model
     assert torch.equal(result["w"], torch.ones(2, 2))
 
 
 @pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf")])
 def test_invalid_weight_is_refused(weight):
     """Negative or non-finite weights raise InvalidWeight."""
-    fedavg = FedAvg({"w": torch.zeros(2)}, CPU)
+    method = fedavg({"w": torch.zeros(2)})
     with pytest.raises(InvalidWeight):
-        fedavg.add({"w": torch.ones(2)}, weight)
+        method.add({"w": torch.ones(2)}, weight)
 
 
 def test_result_is_taken_once_and_leaves_inputs_untouched():
     """result() consumes the accumulator; the base and the updates are never written to."""
     base = {"w": torch.zeros(3), "n": torch.tensor(4)}
     update = {"w": torch.tensor([1.0, 2.0, 3.0]), "n": torch.tensor(8)}
-    fedavg = FedAvg(base, CPU)
-    fedavg.add(update, 2.0)
-    fedavg.add({"w": torch.tensor([3.0, 2.0, 1.0]), "n": torch.tensor(0)}, 2.0)
-    result = fedavg.result()
+    method = fedavg(base)
+    method.add(update, 2.0)
+    method.add({"w": torch.tensor([3.0, 2.0, 1.0]), "n": torch.tensor(0)}, 2.0)
+    result = method.result().model
     assert result["w"].tolist() == [2.0, 2.0, 2.0]
     assert result["n"].item() == 4
     assert base["w"].tolist() == [0.0, 0.0, 0.0]
     assert update["w"].tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(RuntimeError):
-        fedavg.result()
+        method.result()
     with pytest.raises(RuntimeError):
-        fedavg.add(update, 1.0)
+        method.add(update, 1.0)
 
 
 def test_zero_dim_and_empty_tensors():
@@ -218,10 +231,34 @@ def test_zero_dim_and_empty_tensors():
     assert result["i"].shape == (0,)
 
 
-def test_registry_covers_every_aggregation_method():
-    """Every AggregationMethod value names a registered method; fedavg is FedAvg."""
-    assert set(METHODS) == {m.value for m in AggregationMethod}
-    assert METHODS["fedavg"] is FedAvg
+def test_registry_holds_fedavg_and_fedprox():
+    """fedavg is FedAvg and fedprox is FedProx, each with its parameter model."""
+    assert METHODS[AggregationMethod.FEDAVG] is FedAvg
+    assert METHODS[AggregationMethod.FEDPROX] is FedProx
+    assert FedAvg.params_type is FedAvgParams
+    assert FedProx.params_type is FedProxParams
+    assert not FedAvg.holds_updates
+
+
+def test_fedprox_is_fedavg_on_the_server():
+    """FedProx's server step gives FedAvg's model bit for bit, whatever its mu."""
+    gen = torch.Generator().manual_seed(8)
+    base = random_state(gen)
+    updates = [random_state(gen) for _ in range(3)]
+    weights = [4.0, 1.0, 9.0]
+    prox = FedProx(RoundContext(base=base, device=CPU), FedProxParams(mu=0.5))
+    for update, weight in zip(updates, weights, strict=True):
+        prox.add(update, weight)
+    got = prox.result().model
+    want = aggregate(base, updates, weights)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_params_of_another_method_are_refused():
+    """A method built with another method's parameter model raises TypeError."""
+    with pytest.raises(TypeError, match="FedAvgParams"):
+        FedAvg(RoundContext(base={"w": torch.zeros(1)}, device=CPU), FedProxParams())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -232,10 +269,10 @@ def test_cuda_matches_cpu():
     updates = [random_state(gen) for _ in range(4)]
     weights = [5.0, 17.0, 1.0, 250.0]
     on_cpu = aggregate(base, updates, weights)
-    fedavg = FedAvg(base, torch.device("cuda"))
+    method = fedavg(base, torch.device("cuda"))
     for update, weight in zip(updates, weights, strict=True):
-        fedavg.add(update, weight)
-    on_gpu = fedavg.result()
+        method.add(update, weight)
+    on_gpu = method.result().model
     for name, tensor in on_gpu.items():
         assert tensor.device.type == "cpu"
         if tensor.dtype.is_floating_point:

@@ -1,4 +1,4 @@
-"""Aggregation methods: pure torch kernels, registered by their `AggregationMethod` value."""
+"""Aggregation methods: pure torch kernels, registered by their `AggregationMethod`."""
 
 from __future__ import annotations
 
@@ -6,19 +6,37 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from services.aggregator.methods.base import (
+    Aggregate,
     InvalidWeight,
+    Method,
     NothingToAggregate,
-    StreamingMethod,
+    RoundContext,
+    TooFewUpdates,
     UpdateMismatch,
 )
-from services.aggregator.methods.fedavg import FedAvg
-from shared.enums import AggregationMethod
+from services.aggregator.methods.fedavg import FedAvg, FedProx
+from services.aggregator.methods.linear import LinearMethod, Partial
+from shared.aggregation import AggregationMethod
 
-METHODS: Mapping[str, type[StreamingMethod]] = MappingProxyType(
-    {
-        AggregationMethod.FEDAVG.value: FedAvg,
-    }
+_CLASSES: tuple[type[Method], ...] = (
+    FedAvg,
+    FedProx,
 )
-"""Method classes by the name a training's `aggregation` holds; a new method plugs in here."""
 
-__all__ = ["METHODS", "FedAvg", "InvalidWeight", "NothingToAggregate", "StreamingMethod", "UpdateMismatch"]
+METHODS: Mapping[AggregationMethod, type[Method]] = MappingProxyType({cls.name: cls for cls in _CLASSES})
+"""Method classes by the `AggregationMethod` a training names; a new method adds its class to `_CLASSES`."""
+
+__all__ = [
+    "METHODS",
+    "Aggregate",
+    "FedAvg",
+    "FedProx",
+    "InvalidWeight",
+    "LinearMethod",
+    "Method",
+    "NothingToAggregate",
+    "Partial",
+    "RoundContext",
+    "TooFewUpdates",
+    "UpdateMismatch",
+]
