@@ -14,13 +14,22 @@ from services.aggregator.methods.base import (
     TooFewUpdates,
     UpdateMismatch,
 )
+from services.aggregator.methods.dp import DPFedAvg
 from services.aggregator.methods.fedavg import FedAvg, FedProx
+from services.aggregator.methods.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
 from services.aggregator.methods.linear import LinearMethod, Partial
+from services.aggregator.methods.swag import Swag
 from shared.aggregation import AggregationMethod
 
 _CLASSES: tuple[type[Method], ...] = (
     FedAvg,
     FedProx,
+    FedAvgM,
+    FedAdam,
+    FedYogi,
+    FedAdagrad,
+    DPFedAvg,
+    Swag,
 )
 
 METHODS: Mapping[AggregationMethod, type[Method]] = MappingProxyType({cls.name: cls for cls in _CLASSES})
@@ -29,14 +38,21 @@ METHODS: Mapping[AggregationMethod, type[Method]] = MappingProxyType({cls.name: 
 __all__ = [
     "METHODS",
     "Aggregate",
+    "DPFedAvg",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
     "FedProx",
+    "FedYogi",
     "InvalidWeight",
     "LinearMethod",
     "Method",
     "NothingToAggregate",
     "Partial",
     "RoundContext",
+    "ServerOptimizer",
+    "Swag",
     "TooFewUpdates",
     "UpdateMismatch",
 ]

@@ -138,9 +138,19 @@ class LinearMethod(Method):
         self._finished = False
 
     @property
+    def base(self) -> Mapping[str, torch.Tensor]:
+        """The round's base model (CPU tensors, never written to)."""
+        return self._base
+
+    @property
     def num_added(self) -> int:
         """How many updates were added (zero-weight ones and merged ones included)."""
         return self._added
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        """The method's own counters (see `count`), merged ones included."""
+        return self._counts
 
     @property
     def total_weight(self) -> float:
@@ -184,7 +194,7 @@ class LinearMethod(Method):
     # Helpers for subclasses -------------------------------------------------------------------
 
     def base_on_device(self, name: str) -> torch.Tensor:
-        """The base's tensor `name` on the compute device in its accumulation dtype (a view if already so)."""
+        """The base's tensor `name` on the compute device in its accumulation dtype (itself if already so)."""
         base = self._base[name]
         return base.to(self._device, accumulation_dtype(base.dtype))
 
