@@ -30,7 +30,8 @@ Memory
 ------
 One accumulator per tensor, allocated at the tensor's first contribution: about one model (in the
 accumulation dtypes) whatever the number of clients. A float32 update on a CPU device is folded in
-with one in-place ``lerp_`` per tensor, without a copy.
+with one in-place ``lerp_`` per tensor, without a copy (only a tensor's first update is copied, into
+its accumulator).
 """
 
 from __future__ import annotations
