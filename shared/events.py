@@ -100,6 +100,16 @@ class AggregateRound(Command):
     base_blob_key: str
     updates: tuple[UpdateRef, ...]
     delete_updates_after: bool = True
+    params: dict[str, Any] = field(default_factory=dict)
+    """The method's parameters (`shared.aggregation.method_params` validates them)."""
+    update_kind: str = "weights"
+    """`weights` (clients upload their models) or `delta` (their models minus the base)."""
+    exclude_vars: str | None = None
+    """Regex of the tensors clients leave out; they keep the base's values."""
+    max_update_norm: float | None = None
+    """Updates whose delta to the base has a larger L2 norm (floating tensors) are rejected."""
+    base_state_blob_key: str | None = None
+    """The server state the base model's round left (e.g. Adam moments), as a tensor blob."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,7 +123,13 @@ class ModelAggregated(Event):
     model_id: UUID
     blob_key: str
     num_updates: int
+    """Updates aggregated (rejected ones not counted)."""
     num_examples: int
+    """Examples behind the aggregated updates."""
+    num_rejected: int = 0
+    """Updates left out by validation (their reasons are on their `client_update` rows)."""
+    rejected: tuple[UUID, ...] = ()
+    """Ids of the updates left out."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

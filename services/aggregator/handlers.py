@@ -1,5 +1,10 @@
 """The aggregator's handlers: an `AggregateRound` job in, a `ModelAggregated` or `AggregationFailed` out.
 
+The round itself runs in `services.aggregator.pipeline` (no database); this module persists what it
+gave, in one transaction: the model's row (with its method's `record` and the key of its server-state
+blob), its ensemble members' rows, the rejected updates' reasons, the update blobs' deletion marks
+and the outgoing event. Blobs (content-addressed) are written before that transaction.
+
 Idempotency: a round's global model has an id derived from (training id, round) (`round_model_id`).
 A job whose round already has its model row emits nothing and computes nothing: the first run wrote
 its `ModelAggregated` to the outbox in the same transaction as that row, so it is published already
@@ -8,10 +13,11 @@ after the handler). Two deliveries racing past that check cannot both commit: th
 fails on the primary key, its transaction rolls back, and its retry finds the row.
 
 The handler touches the database only for that check (a read) and at the end, so the long part
-holds no write lock (SQLite). Failures: what no retry can fix (unknown method, a missing or
-undecodable blob, an update that does not fit the base model) becomes `AggregationFailed` with a
-reason naming the update; anything else (database or blob store unavailable) raises, so the bus
-retries the job.
+holds no write lock (SQLite). Failures: a single update that cannot be used (missing or undecodable
+blob, wrong tensors, non-finite values, too large a norm) is rejected and left out; what no retry
+can fix for the whole round (unknown method, missing base model, no update accepted) becomes
+`AggregationFailed` with the reason; anything else (database or blob store unavailable) raises, so
+the bus retries the job.
 """
 
 from __future__ import annotations
@@ -27,24 +33,15 @@ import structlog
 import torch
 from sqlalchemy import select, update
 
-from services.aggregator.methods import METHODS, NothingToAggregate, StreamingMethod
+from services.aggregator.pipeline import JobRejected, Rejection, RoundOutcome, aggregate_round
 from services.aggregator.settings import AggregatorSettings, resolve_device
 from shared.blobs import BlobStore, content_key
-from shared.blobs.base import BlobNotFound
-from shared.codec import decode_tensors, encode_tensors
-from shared.db.models import ClientUpdate, Model, Training
+from shared.codec import encode_tensors
+from shared.db.models import ClientUpdate, Model, ModelMember, Training
 from shared.db.uow import UnitOfWork
-from shared.errors import FedhubError, NonFiniteValues
-from shared.events import (
-    AggregateRound,
-    AggregationFailed,
-    Message,
-    ModelAggregated,
-    UpdateRef,
-    utcnow,
-)
+from shared.events import AggregateRound, AggregationFailed, Message, ModelAggregated, UpdateRef, utcnow
 from shared.messaging import Handler
-from shared.tensors import first_non_finite, records_to_state_dict, state_dict_to_records
+from shared.tensors import state_dict_to_records
 
 log = structlog.get_logger(component="aggregator")
 
@@ -56,16 +53,41 @@ def round_model_id(training_id: UUID, round_number: int) -> UUID:
     return uuid5(_ROUND_MODEL_NAMESPACE, f"{training_id}/{round_number}")
 
 
-class JobRejected(FedhubError):
-    """An aggregation job that cannot succeed however often it is retried; `detail` is the reason."""
-
-    status_code = 422
+__all__ = ["JobRejected", "build_handlers", "round_model_id"]
 
 
 @dataclass(frozen=True, slots=True)
-class _Encoded:
-    data: bytes
+class StoredBlob:
+    """A tensor blob written to the store: its content key, digest, size and spec."""
+
+    key: str
+    digest: str
+    size: int
     spec: dict[str, list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    model: StoredBlob
+    state: StoredBlob | None
+    members: list[StoredBlob]
+
+
+def _encode(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, StoredBlob]:
+    records = state_dict_to_records(tensors)
+    data = encode_tensors(records)
+    key, digest = content_key(data)
+    spec = {r.name: [r.dtype, list(r.shape)] for r in records}
+    return data, StoredBlob(key=key, digest=digest, size=len(data), spec=spec)
+
+
+async def put_tensors(blobs: BlobStore, tensors: Mapping[str, torch.Tensor]) -> StoredBlob:
+    """Encode a state dict (off the event loop) and store it under its content address."""
+    data, blob = await asyncio.to_thread(_encode, tensors)
+    # Written before the commit: if the transaction rolls back, the blob is an orphan under its own
+    # content address, which the retry rewrites (a no-op) rather than duplicates.
+    await blobs.put(blob.key, data)
+    return blob
 
 
 def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[type[Message], Handler]:
@@ -73,7 +95,7 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
     device = resolve_device(settings.device)
 
     async def on_aggregate_round(job: AggregateRound, uow: UnitOfWork) -> None:
-        """Average the job's updates into a new global model, store it, and announce it."""
+        """Aggregate the job's updates into a new global model, store it, and announce it."""
         with structlog.contextvars.bound_contextvars(
             job_id=str(job.job_id), training_id=str(job.training_id), round=job.round
         ):
@@ -84,130 +106,117 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
                 log.info("aggregation.already_done", model_id=str(existing))
                 return
             try:
-                encoded = await _aggregate(job, blobs, device)
+                outcome = await aggregate_round(job, blobs, device)
             except JobRejected as exc:
                 log.warning("aggregation.failed", reason=exc.detail)
+                await mark_rejected(uow, exc.rejected)
                 uow.emit(
                     AggregationFailed(
                         job_id=job.job_id, training_id=job.training_id, round=job.round, reason=exc.detail
                     )
                 )
                 return
-            await _record(job, encoded, blobs, uow)
+            await record_round(job, outcome, blobs, uow)
 
     return {AggregateRound: on_aggregate_round}
 
 
-async def _aggregate(job: AggregateRound, blobs: BlobStore, device: torch.device) -> _Encoded:
-    """Stream every update of `job` through its method; return the new model, encoded."""
-    method_cls = METHODS.get(job.method)
-    if method_cls is None:
-        raise JobRejected(f"unknown aggregation method {job.method!r} (known: {', '.join(sorted(METHODS))})")
-    if not job.updates:
-        raise JobRejected("the job lists no updates")
-    base_bytes = await _read(blobs, job.base_blob_key, f"base model {job.base_model_id}")
-    method = await asyncio.to_thread(_start, method_cls, base_bytes, job.base_model_id, device)
-    del base_bytes
-    for ref in job.updates:
-        data = await _read(blobs, ref.blob_key, f"update {ref.update_id} of client {ref.client_id}")
-        await asyncio.to_thread(_fold, method, data, ref)
-        # One update's bytes at a time: dropped before the next read.
-        del data
-    return await asyncio.to_thread(_finish, method)
+async def store(outcome: RoundOutcome, blobs: BlobStore) -> _Stored:
+    """Store the round's model, server state and members (before the transaction)."""
+    aggregate = outcome.aggregate
+    model = await put_tensors(blobs, aggregate.model)
+    state = await put_tensors(blobs, aggregate.state) if aggregate.state else None
+    members = [await put_tensors(blobs, member) for member in aggregate.members]
+    return _Stored(model=model, state=state, members=members)
 
 
-async def _read(blobs: BlobStore, key: str, what: str) -> bytes:
-    try:
-        return await blobs.get(key)
-    except BlobNotFound:
-        raise JobRejected(f"{what}: blob {key!r} does not exist") from None
-    except ValueError as exc:  # a key the store refuses outright
-        raise JobRejected(f"{what}: {exc}") from None
-
-
-def _start(
-    method_cls: type[StreamingMethod], data: bytes, model_id: UUID, device: torch.device
-) -> StreamingMethod:
-    try:
-        base = records_to_state_dict(decode_tensors(data))
-    except FedhubError as exc:
-        raise JobRejected(f"base model {model_id}: {exc.name}: {exc.detail}") from exc
-    return method_cls(base, device)
-
-
-def _fold(method: StreamingMethod, data: bytes, ref: UpdateRef) -> None:
-    try:
-        records = decode_tensors(data)
-        # The API checked this at upload; checked again because one NaN would poison the whole model.
-        bad = first_non_finite(records)
-        if bad is not None:
-            raise NonFiniteValues(f"tensor {bad!r} holds NaN or Inf values")
-        method.add(records_to_state_dict(records), float(ref.num_examples))
-    except FedhubError as exc:
-        reason = f"update {ref.update_id} of client {ref.client_id}: {exc.name}: {exc.detail}"
-        raise JobRejected(reason) from exc
-
-
-def _finish(method: StreamingMethod) -> _Encoded:
-    try:
-        averaged = method.result()
-    except NothingToAggregate as exc:
-        raise JobRejected(exc.detail) from exc
-    records = state_dict_to_records(averaged)
-    spec = {r.name: [r.dtype, list(r.shape)] for r in records}
-    return _Encoded(data=encode_tensors(records), spec=spec)
-
-
-async def _record(job: AggregateRound, encoded: _Encoded, blobs: BlobStore, uow: UnitOfWork) -> None:
-    """Store the model's bytes; then its row, the updates' deletion marks and the event in one transaction."""
-    key, digest = content_key(encoded.data)
-    # Written before the commit: if the transaction rolls back, the blob is an orphan under its own
-    # content address, which the retry rewrites (a no-op) rather than duplicates.
-    await blobs.put(key, encoded.data)
+async def record_round(job: AggregateRound, outcome: RoundOutcome, blobs: BlobStore, uow: UnitOfWork) -> None:
+    """Store the round's blobs, then its rows, rejections, deletion marks and event in one transaction."""
+    stored = await store(outcome, blobs)
     owner_id = await uow.session.scalar(select(Training.owner_id).where(Training.id == job.training_id))
     model_id = round_model_id(job.training_id, job.round)
+    model = stored.model
     uow.session.add(
         Model(
             id=model_id,
             name=f"round-{job.round}",
             owner_id=owner_id,
-            blob_key=key,
-            digest=digest,
-            size_bytes=len(encoded.data),
-            spec=encoded.spec,
+            blob_key=model.key,
+            digest=model.digest,
+            size_bytes=model.size,
+            spec=model.spec,
             training_id=job.training_id,
             round=job.round,
+            state_blob_key=stored.state.key if stored.state is not None else None,
+            record=outcome.aggregate.record,
         )
     )
-    if job.delete_updates_after:
-        await uow.session.execute(
-            update(ClientUpdate)
-            .where(
-                ClientUpdate.id.in_([r.update_id for r in job.updates]),
-                ClientUpdate.blob_deleted_at.is_(None),
-            )
-            .values(blob_deleted_at=utcnow())
+    if stored.members:
+        # The members' foreign key needs the model row first.
+        await uow.session.flush()
+        refs: Sequence[UpdateRef | None] = (
+            outcome.accepted if len(outcome.accepted) == len(stored.members) else [None] * len(stored.members)
         )
-        uow.after_commit(functools.partial(_delete_blobs, blobs, [r.blob_key for r in job.updates]))
-    num_examples = sum(r.num_examples for r in job.updates)
+        uow.session.add_all(
+            ModelMember(
+                model_id=model_id,
+                index=i,
+                blob_key=m.key,
+                digest=m.digest,
+                size_bytes=m.size,
+                update_id=ref.update_id if ref is not None else None,
+                client_id=ref.client_id if ref is not None else None,
+            )
+            for i, (m, ref) in enumerate(zip(stored.members, refs, strict=True))
+        )
+    await mark_rejected(uow, outcome.rejected)
+    await _mark_deleted(job, blobs, uow)
+    num_examples = sum(r.num_examples for r in outcome.accepted)
     uow.emit(
         ModelAggregated(
             job_id=job.job_id,
             training_id=job.training_id,
             round=job.round,
             model_id=model_id,
-            blob_key=key,
-            num_updates=len(job.updates),
+            blob_key=model.key,
+            num_updates=len(outcome.accepted),
             num_examples=num_examples,
+            num_rejected=len(outcome.rejected),
+            rejected=tuple(r.ref.update_id for r in outcome.rejected),
         )
     )
     log.info(
         "round.aggregated",
         model_id=str(model_id),
-        num_updates=len(job.updates),
+        num_updates=len(outcome.accepted),
+        num_rejected=len(outcome.rejected),
         num_examples=num_examples,
-        size_bytes=len(encoded.data),
+        num_members=len(stored.members),
+        size_bytes=model.size,
     )
+
+
+async def mark_rejected(uow: UnitOfWork, rejected: Sequence[Rejection]) -> None:
+    """Keep each rejected update's reason on its row."""
+    for r in rejected:
+        await uow.session.execute(
+            update(ClientUpdate).where(ClientUpdate.id == r.ref.update_id).values(rejected_reason=r.reason)
+        )
+
+
+async def _mark_deleted(job: AggregateRound, blobs: BlobStore, uow: UnitOfWork) -> None:
+    """Mark the job's update blobs deleted and delete them after the commit, when the training asks."""
+    if not job.delete_updates_after:
+        return
+    await uow.session.execute(
+        update(ClientUpdate)
+        .where(
+            ClientUpdate.id.in_([r.update_id for r in job.updates]),
+            ClientUpdate.blob_deleted_at.is_(None),
+        )
+        .values(blob_deleted_at=utcnow())
+    )
+    uow.after_commit(functools.partial(_delete_blobs, blobs, [r.blob_key for r in job.updates]))
 
 
 async def _delete_blobs(blobs: BlobStore, keys: Sequence[str]) -> None:

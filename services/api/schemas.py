@@ -17,7 +17,6 @@ from starlette.requests import Request
 
 from services.api.errors import PayloadTooLarge, UnsupportedMediaType
 from shared.codec import TensorRecord, decode_document, decode_tensors, parse_tensor_map
-from shared.aggregation import AggregationMethod
 from shared.enums import Role, RoundPhase, TrainingState
 from shared.errors import MalformedPayload
 
@@ -82,6 +81,20 @@ class ModelOut(_Body):
     training_id: UUID | None
     round: int | None
     created_at: datetime
+    record: dict[str, Any] | None = None
+    """What the aggregation method recorded about the round that made this model."""
+    num_members: int = 0
+    """Ensemble members (`GET /v1/models/{id}/members`)."""
+
+
+class MemberOut(_Body):
+    """One member of an ensemble model."""
+
+    index: int
+    digest: str
+    size_bytes: int
+    update_id: UUID | None
+    client_id: UUID | None
 
 
 # --- trainings ----------------------------------------------------------------------------------
@@ -92,7 +105,12 @@ class TrainingCreate(_Body):
 
     model_id: UUID
     clients: list[UUID] = Field(min_length=1)
-    aggregation: AggregationMethod = AggregationMethod.FEDAVG
+    aggregation: str = "fedavg"
+    """An `AggregationMethod` name; checked with the parameters in the service (a 422 naming them)."""
+    aggregation_params: dict[str, Any] | None = None
+    update_kind: str = "weights"
+    exclude_vars: str | None = None
+    max_update_norm: float | None = None
     rounds: Annotated[StrictInt, Field(ge=1)]
     min_clients: Annotated[StrictInt, Field(ge=1)] | None = None
     round_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 600.0
@@ -110,6 +128,12 @@ class TrainingOut(_Body):
     round: int
     rounds: int
     aggregation: str
+    aggregation_params: dict[str, Any]
+    update_kind: str
+    exclude_vars: str | None
+    max_update_norm: float | None
+    client_config: dict[str, Any]
+    """What clients receive with each round: update kind, excluded tensors, FedProx's mu."""
     min_clients: int
     round_timeout_s: float
     skip_model_tests: bool
@@ -125,8 +149,16 @@ class TrainingOut(_Body):
     created_at: datetime
 
 
+class RejectedOut(_Body):
+    """An update the aggregator left out of its round, and why."""
+
+    update_id: UUID
+    client_id: UUID
+    reason: str
+
+
 class RoundOut(_Body):
-    """One round's timeline, result and example-weighted mean metrics."""
+    """One round's timeline, result and example-weighted mean metrics (of the aggregated updates)."""
 
     round: int
     started_at: datetime
@@ -137,6 +169,7 @@ class RoundOut(_Body):
     num_examples: int | None
     train_metrics: dict[str, float]
     test_metrics: dict[str, float]
+    rejected: list[RejectedOut] = Field(default_factory=list)
 
 
 # --- updates and test metrics -------------------------------------------------------------------

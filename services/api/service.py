@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 from uuid import UUID, uuid4, uuid5
 
 import structlog
-from sqlalchemy import Insert, or_, select
+from pydantic import ValidationError as PydanticValidationError
+from sqlalchemy import Insert, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.errors import ValidationError
 from services.api.schemas import OFFLOAD_BYTES, TensorDocument, TrainingCreate
-from services.api.uploads import Written, canonical_update, in_order, items_after, spool, unspool
+from services.api.uploads import (
+    ExcludedTensors,
+    Written,
+    canonical_update,
+    in_order,
+    items_after,
+    spool,
+    unspool,
+)
+from shared.aggregation import AggregationSpec, method_params
 from shared.auth import hash_token, new_token
 from shared.blobs import BlobStore, content_key, update_key
 from shared.codec import (
@@ -32,6 +43,7 @@ from shared.codec import (
 from shared.db.models import (
     ClientUpdate,
     Model,
+    ModelMember,
     OutboxMessage,
     Participant,
     Principal,
@@ -178,10 +190,13 @@ def _canonical_model(doc: TensorDocument) -> tuple[list[TensorRecord], bytes]:
 async def _drop_unreferenced_model_blob(
     sessions: async_sessionmaker[AsyncSession], blobs: BlobStore, key: str
 ) -> None:
-    # Content-addressed: an identical upload may have committed a row naming these bytes meanwhile.
+    # Content-addressed: an identical upload (or an aggregator's output) may have committed a row
+    # naming these bytes meanwhile.
     async with sessions() as session:
-        if await session.scalar(select(Model.id).where(Model.blob_key == key).limit(1)) is None:
-            await blobs.delete(key)
+        for column in (Model.blob_key, Model.state_blob_key, ModelMember.blob_key):
+            if await session.scalar(select(column).where(column == key).limit(1)) is not None:
+                return
+        await blobs.delete(key)
 
 
 async def visible_model(session: AsyncSession, model_id: UUID, principal: Principal) -> Model:
@@ -215,6 +230,34 @@ async def model_weights(
     return await blobs.get(model.blob_key)
 
 
+async def count_members(session: AsyncSession, model_id: UUID) -> int:
+    """How many ensemble members a model has (0 for every other model)."""
+    n = await session.scalar(
+        select(func.count()).select_from(ModelMember).where(ModelMember.model_id == model_id)
+    )
+    return int(n or 0)
+
+
+async def model_members(session: AsyncSession, model_id: UUID, principal: Principal) -> list[ModelMember]:
+    """The members of a model the caller may read, in order (empty unless it is an ensemble)."""
+    await visible_model(session, model_id, principal)
+    rows = await session.scalars(
+        select(ModelMember).where(ModelMember.model_id == model_id).order_by(ModelMember.index)
+    )
+    return list(rows)
+
+
+async def member_weights(
+    session: AsyncSession, blobs: BlobStore, model_id: UUID, index: int, principal: Principal
+) -> bytes:
+    """The stored canonical msgpack bytes of one member of a model the caller may read."""
+    await visible_model(session, model_id, principal)
+    member = await session.get(ModelMember, (model_id, index))
+    if member is None:
+        raise NotFound(f"model {model_id} has no member {index}")
+    return await blobs.get(member.blob_key)
+
+
 # --- trainings ------------------------------------------------------------------------------------
 
 
@@ -229,12 +272,22 @@ class TrainingView:
 
 
 @dataclass(frozen=True, slots=True)
+class Rejection:
+    """An update the aggregator left out, and why."""
+
+    update_id: UUID
+    client_id: UUID
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class RoundView:
-    """One round's row with the example-weighted means of its clients' metrics."""
+    """One round's row with the example-weighted means of its clients' metrics and its rejections."""
 
     row: TrainingRound
     train_metrics: dict[str, float]
     test_metrics: dict[str, float]
+    rejected: list[Rejection] = field(default_factory=list)
 
 
 async def create_training(uow: UnitOfWork, owner_id: UUID, body: TrainingCreate) -> TrainingView:
@@ -247,8 +300,14 @@ async def create_training(uow: UnitOfWork, owner_id: UUID, body: TrainingCreate)
     min_clients = len(clients) if body.min_clients is None else body.min_clients
     if min_clients > len(clients):
         raise ValidationError(f"min_clients {min_clients} exceeds the {len(clients)} clients listed")
-    if await session.get(Model, body.model_id) is None:
+    spec = aggregation_spec(body)
+    model = await session.get(Model, body.model_id)
+    if model is None:
         raise NotFound(f"model {body.model_id} does not exist")
+    if spec.exclude_vars is not None and all(spec.excluded(name) for name in model.spec):
+        raise ValidationError(
+            f"exclude_vars {spec.exclude_vars!r} matches every tensor of model {model.id}: nothing to train"
+        )
     known = set(
         await session.scalars(
             select(Principal.id).where(Principal.id.in_(clients), Principal.role == Role.CLIENT)
@@ -262,7 +321,11 @@ async def create_training(uow: UnitOfWork, owner_id: UUID, body: TrainingCreate)
         owner_id=owner_id,
         initial_model_id=body.model_id,
         current_model_id=body.model_id,
-        aggregation=body.aggregation.value,
+        aggregation=spec.method.value,
+        aggregation_params=spec.typed_params().model_dump(mode="json"),
+        update_kind=spec.update_kind.value,
+        exclude_vars=spec.exclude_vars,
+        max_update_norm=spec.max_update_norm,
         rounds=body.rounds,
         min_clients=min_clients,
         round_timeout_s=body.round_timeout_s,
@@ -280,6 +343,34 @@ async def create_training(uow: UnitOfWork, owner_id: UUID, body: TrainingCreate)
     await session.flush()
     log.info("training.created", training_id=str(training.id), clients=len(clients), rounds=body.rounds)
     return TrainingView(training, participants=sorted(clients, key=str), uploaded=[], tested=[])
+
+
+def aggregation_spec(body: TrainingCreate) -> AggregationSpec:
+    """The training's aggregation, checked against `shared.aggregation`; `ValidationError` names the fault."""
+    try:
+        method_params(body.aggregation, body.aggregation_params)
+    except MalformedPayload as exc:
+        raise ValidationError(exc.detail) from None
+    if body.exclude_vars is not None:
+        try:
+            re.compile(body.exclude_vars)
+        except re.error as exc:
+            raise ValidationError(
+                f"exclude_vars {body.exclude_vars!r} is not a valid regular expression: {exc}"
+            ) from None
+    try:
+        return AggregationSpec(
+            method=body.aggregation,
+            params=dict(body.aggregation_params or {}),
+            update_kind=body.update_kind,
+            exclude_vars=body.exclude_vars,
+            max_update_norm=body.max_update_norm,
+        )
+    except PydanticValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'aggregation'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ValidationError(problems) from None
 
 
 async def visible_training(session: AsyncSession, training_id: UUID, principal: Principal) -> Training:
@@ -349,15 +440,23 @@ async def request_start(uow: UnitOfWork, training_id: UUID, actor: Principal) ->
 
 
 async def round_summaries(session: AsyncSession, training: Training) -> list[RoundView]:
-    """Every round of a training with the example-weighted means of its train and test metrics."""
+    """Every round of a training: train metrics of its aggregated updates, test metrics, rejections."""
     rows = await session.scalars(
         select(TrainingRound).where(TrainingRound.training_id == training.id).order_by(TrainingRound.round)
     )
     train = await session.execute(
         select(ClientUpdate.round, ClientUpdate.num_examples, ClientUpdate.metrics).where(
-            ClientUpdate.training_id == training.id
+            ClientUpdate.training_id == training.id, ClientUpdate.rejected_reason.is_(None)
         )
     )
+    rejected = await session.execute(
+        select(ClientUpdate.round, ClientUpdate.id, ClientUpdate.client_id, ClientUpdate.rejected_reason)
+        .where(ClientUpdate.training_id == training.id, ClientUpdate.rejected_reason.is_not(None))
+        .order_by(ClientUpdate.client_id)
+    )
+    rejected_by_round: dict[int, list[Rejection]] = defaultdict(list)
+    for round_, update_id, client_id, reason in rejected:
+        rejected_by_round[round_].append(Rejection(update_id, client_id, str(reason)))
     test = await session.execute(
         select(TestMetric.round, TestMetric.num_examples, TestMetric.metrics).where(
             TestMetric.training_id == training.id
@@ -370,6 +469,7 @@ async def round_summaries(session: AsyncSession, training: Training) -> list[Rou
             row,
             train_metrics=weighted_means(train_by_round.get(row.round, [])),
             test_metrics=weighted_means(test_by_round.get(row.round, [])),
+            rejected=rejected_by_round.get(row.round, []),
         )
         for row in rows
     ]
@@ -447,7 +547,8 @@ async def receive_update(
     num_examples = _integer(doc.fields, "num_examples", minimum=1)
     metrics = _metrics(doc.fields.get("metrics"))
     model = await _current_model(session, training)
-    data = await offload(doc.size, _canonical_update, doc, _spec(model.spec))
+    spec, excluded = _update_spec(training, model)
+    data = await offload(doc.size, _canonical_update, doc, spec, excluded)
     update_id = uuid4()
     key = update_key(update_id)
     await blobs.put(key, data)
@@ -488,7 +589,8 @@ async def receive_streamed_update(
     update_id = uuid4()
     key = update_key(update_id)
     written = Written(fields)
-    canonical = written.count(canonical_update(items_after(reader), _spec(model.spec), fields))
+    spec, excluded = _update_spec(training, model)
+    canonical = written.count(canonical_update(items_after(reader), spec, fields, excluded))
     async with aclosing(canonical) as chunks:
         await blobs.put_stream(key, chunks)
     uow.on_rollback(lambda: blobs.delete(key))
@@ -590,8 +692,20 @@ async def _record_update(
     return UpdateReceipt(update_id=update_id, round=round_, duplicate=False)
 
 
-def _canonical_update(doc: TensorDocument, spec: TensorSpec) -> bytes:
+def _update_spec(training: Training, model: Model) -> tuple[TensorSpec, ExcludedTensors]:
+    """What an update must hold: the model's tensors but those the training's `exclude_vars` matches."""
+    full = _spec(model.spec)
+    pattern = training.exclude_vars
+    if pattern is None:
+        return full, ExcludedTensors(frozenset(), None)
+    excluded = frozenset(name for name in full if re.search(pattern, name))
+    return {n: s for n, s in full.items() if n not in excluded}, ExcludedTensors(excluded, pattern)
+
+
+def _canonical_update(doc: TensorDocument, spec: TensorSpec, excluded: ExcludedTensors) -> bytes:
     records = doc.records()
+    for r in records:
+        excluded.refuse(r.name)
     check_against_spec(records, spec)
     position = {name: i for i, name in enumerate(spec)}
     return encode_tensors(sorted(records, key=lambda r: position[r.name]))

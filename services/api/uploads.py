@@ -92,8 +92,26 @@ async def finite_chunks(tensor: StreamedTensor) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def check_header(tensor: StreamedTensor, spec: TensorSpec) -> None:
+@dataclass(frozen=True, slots=True)
+class ExcludedTensors:
+    """The model's tensors a training's `exclude_vars` (`pattern`) leaves out of updates."""
+
+    names: frozenset[str]
+    pattern: str | None
+
+    def refuse(self, name: str) -> None:
+        """Refuse an update that carries an excluded tensor, naming it and the pattern."""
+        if name in self.names:
+            raise TensorSpecMismatch(
+                f"tensor {name!r} matches the training's exclude_vars {self.pattern!r}: "
+                "leave it out of updates (it keeps the server's value)"
+            )
+
+
+def check_header(tensor: StreamedTensor, spec: TensorSpec, excluded: ExcludedTensors | None = None) -> None:
     """Refuse a tensor whose name, dtype or shape does not fit the model (before its data is read)."""
+    if excluded is not None:
+        excluded.refuse(tensor.name)
     if tensor.name not in spec:
         raise TensorSpecMismatch(f"unknown tensor names: {tensor.name}")
     dtype, shape = spec[tensor.name]
@@ -106,10 +124,14 @@ def check_header(tensor: StreamedTensor, spec: TensorSpec) -> None:
 
 
 async def canonical_update(
-    items: AsyncIterator[StreamedField | StreamedTensor], spec: TensorSpec, fields: dict[str, Any]
+    items: AsyncIterator[StreamedField | StreamedTensor],
+    spec: TensorSpec,
+    fields: dict[str, Any],
+    excluded: ExcludedTensors | None = None,
 ) -> AsyncIterator[bytes]:
     """The canonical stored form of an update, in the model's tensor order, from the streamed items.
 
+    `spec` is what the update must hold (the model minus `excluded`, which are refused by name).
     Plain fields met on the way go into `fields`. Tensors sent in model order pass straight through;
     one sent ahead of its turn waits in a spool file (memory up to `_SPOOL_MEMORY`, then disk).
     """
@@ -124,7 +146,7 @@ async def canonical_update(
             if isinstance(item, StreamedField):
                 fields[item.name] = item.value
                 continue
-            check_header(item, spec)
+            check_header(item, spec, excluded)
             seen.add(item.name)
             prefix = tensor_entry_prefix(item.name, item.dtype, item.shape, item.nbytes)
             if position[item.name] != turn:

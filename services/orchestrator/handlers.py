@@ -51,7 +51,10 @@ async def on_update_received(event: UpdateReceived, uow: UnitOfWork) -> None:
 
 
 async def on_model_aggregated(event: ModelAggregated, uow: UnitOfWork) -> None:
-    """Adopt the round's global model, then test it or move to the next round or finish."""
+    """Adopt the round's global model, then test it or move to the next round or finish.
+
+    The round's timeline counts the updates aggregated; rejected ones are on their own rows.
+    """
     repo = TrainingRepository(uow.session)
     training, view = await repo.load(event.training_id)
     now = utcnow()
@@ -157,14 +160,20 @@ async def _emit_aggregation(
     base = await uow.session.get(Model, training.current_model_id)
     if base is None:
         raise NotFound(f"model {training.current_model_id} of training {training.id} does not exist")
+    spec = training.aggregation_spec()
     uow.emit(
         AggregateRound(
             job_id=uuid4(),
             training_id=training.id,
             round=round_,
-            method=training.aggregation,
+            method=spec.method.value,
+            params=dict(spec.params),
+            update_kind=spec.update_kind.value,
+            exclude_vars=spec.exclude_vars,
+            max_update_norm=spec.max_update_norm,
             base_model_id=training.current_model_id,
             base_blob_key=base.blob_key,
+            base_state_blob_key=base.state_blob_key,
             updates=tuple(
                 UpdateRef(
                     update_id=u.id, client_id=u.client_id, blob_key=u.blob_key, num_examples=u.num_examples

@@ -14,13 +14,16 @@ States and phases::
     AGGREGATING --aggregation failed--> FAILED
     TESTING --all participants reported, or deadline--> COLLECTING(r+1) | COMPLETED
 
+TRAINING_START and UPDATE_ROUND_START bodies carry the training's `client_config` (update kind,
+excluded tensors, FedProx's mu): what a client needs to train the round.
+
 A test is due after round r when `not skip_model_tests and (model_test_after_each_round or
 r == rounds)`: the seed's trainer options.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -46,6 +49,8 @@ class TrainingView:
     skip_model_tests: bool = False
     model_test_after_each_round: bool = True
     deadline_at: datetime | None = None
+    client_config: dict[str, Any] = field(default_factory=dict)
+    """What clients need to train a round (update kind, excluded tensors, FedProx's mu)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,6 +102,14 @@ def _round_body(round_: int, model_id: UUID) -> dict[str, Any]:
     return {"round": round_, "global_model_uuid": str(model_id)}
 
 
+def _training_round_body(view: TrainingView, round_: int, model_id: UUID) -> dict[str, Any]:
+    """A body that starts training: the round, its model, and what clients need to train it."""
+    body = _round_body(round_, model_id)
+    if view.client_config:
+        body["client_config"] = dict(view.client_config)
+    return body
+
+
 def _deadline(view: TrainingView, now: datetime) -> datetime:
     return now + timedelta(seconds=view.round_timeout_s)
 
@@ -104,7 +117,7 @@ def _deadline(view: TrainingView, now: datetime) -> datetime:
 def start(view: TrainingView, now: datetime) -> Step:
     """INITIAL -> ONGOING: round 1 starts collecting; TRAINING_START and UPDATE_ROUND_START go out."""
     _require(view, "start", TrainingState.INITIAL)
-    body = _round_body(1, view.current_model_id)
+    body = _training_round_body(view, 1, view.current_model_id)
     return _from(
         view,
         state=TrainingState.ONGOING,
@@ -232,6 +245,9 @@ def _advance(view: TrainingView, now: datetime) -> Step:
         round_started=True,
         round_finished=view.round,
         notices=(
-            Notice(type=NotificationType.UPDATE_ROUND_START, body=_round_body(nxt, view.current_model_id)),
+            Notice(
+                type=NotificationType.UPDATE_ROUND_START,
+                body=_training_round_body(view, nxt, view.current_model_id),
+            ),
         ),
     )

@@ -37,7 +37,7 @@ class TrainingRepository:
         return training, view_of(training, participants or 0)
 
     async def count_updates(self, training_id: UUID, round_: int) -> int:
-        """How many updates the round has."""
+        """How many updates the round has (all of them: the aggregator rejects some only later)."""
         n = await self.session.scalar(
             select(func.count())
             .select_from(ClientUpdate)
@@ -107,7 +107,7 @@ class TrainingRepository:
         num_examples: int,
         now: datetime,
     ) -> None:
-        """Note the round's aggregated model in its timeline."""
+        """Note the round's aggregated model in its timeline (`num_updates`: the updates aggregated)."""
         await self.session.execute(
             update(TrainingRound)
             .where(TrainingRound.training_id == training_id, TrainingRound.round == round_)
@@ -140,4 +140,5 @@ def view_of(training: Training, participants: int) -> TrainingView:
         skip_model_tests=training.skip_model_tests,
         model_test_after_each_round=training.model_test_after_each_round,
         deadline_at=training.deadline_at,
+        client_config=training.client_config(),
     )

@@ -1,4 +1,4 @@
-"""The shared schema: principals, models, trainings, rounds, updates, test metrics, outbox and inbox.
+"""The shared schema: principals, models and members, trainings, rounds, updates, metrics, outbox, inbox.
 
 These tables are the contract between the api (writes requests), the orchestrator (owns training
 state) and the aggregator (writes aggregated models). Tables one service alone owns live in it.
@@ -28,6 +28,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from shared.aggregation import AggregationSpec, FedProxParams
 from shared.db.base import Base
 from shared.enums import Role, RoundPhase, TrainingState
 from shared.events import utcnow
@@ -83,7 +84,27 @@ class Model(Base):
     training_id: Mapped[UUID | None] = mapped_column(index=True)
     """The training whose round produced this model; None for uploaded models."""
     round: Mapped[int | None] = mapped_column(Integer)
+    state_blob_key: Mapped[str | None] = mapped_column(String(200))
+    """The server state its round's method left for the next round (a tensor blob), if any."""
+    record: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """What the method recorded about its round (DP noise, Krum's selection); None for uploads."""
     created_at: Mapped[datetime] = mapped_column(_Time, default=utcnow)
+
+
+class ModelMember(Base):
+    """One member of an ensemble round's model: a full model of its own, in the blob store."""
+
+    __tablename__ = "model_member"
+
+    model_id: Mapped[UUID] = mapped_column(ForeignKey("model.id"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    """Position among the members: the order their updates were aggregated in."""
+    blob_key: Mapped[str] = mapped_column(String(200))
+    digest: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    update_id: Mapped[UUID | None] = mapped_column()
+    """The client update this member came from."""
+    client_id: Mapped[UUID | None] = mapped_column()
 
 
 class Training(Base):
@@ -96,6 +117,12 @@ class Training(Base):
     initial_model_id: Mapped[UUID] = mapped_column(ForeignKey("model.id"))
     current_model_id: Mapped[UUID] = mapped_column(ForeignKey("model.id"))
     aggregation: Mapped[str] = mapped_column(String(32))
+    aggregation_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    """The method's parameters with their defaults filled in (`shared.aggregation`)."""
+    update_kind: Mapped[str] = mapped_column(String(16), default="weights", server_default="weights")
+    exclude_vars: Mapped[str | None] = mapped_column(Text)
+    """Regex of the tensors clients leave out of their updates (they keep the server's values)."""
+    max_update_norm: Mapped[float | None] = mapped_column(Float)
     rounds: Mapped[int] = mapped_column(Integer)
     min_clients: Mapped[int] = mapped_column(Integer)
     round_timeout_s: Mapped[float] = mapped_column(Float)
@@ -115,6 +142,27 @@ class Training(Base):
     """Bumped by every transition: a compare-and-set guard against two orchestrators advancing at once."""
     created_at: Mapped[datetime] = mapped_column(_Time, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(_Time, default=utcnow)
+
+    def aggregation_spec(self) -> AggregationSpec:
+        """The training's aggregation as the contract states it."""
+        return AggregationSpec.model_validate(
+            {
+                "method": self.aggregation,
+                "params": dict(self.aggregation_params or {}),
+                "update_kind": self.update_kind or "weights",
+                "exclude_vars": self.exclude_vars,
+                "max_update_norm": self.max_update_norm,
+            }
+        )
+
+    def client_config(self) -> dict[str, Any]:
+        """What clients must know to train a round: the update kind, the excluded tensors, FedProx's mu."""
+        spec = self.aggregation_spec()
+        config: dict[str, Any] = {"update_kind": spec.update_kind.value, "exclude_vars": spec.exclude_vars}
+        params = spec.typed_params()
+        if isinstance(params, FedProxParams):
+            config["mu"] = params.mu
+        return config
 
 
 class Participant(Base):
@@ -157,6 +205,8 @@ class ClientUpdate(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     received_at: Mapped[datetime] = mapped_column(_Time, default=utcnow)
     blob_deleted_at: Mapped[datetime | None] = mapped_column(_Time)
+    rejected_reason: Mapped[str | None] = mapped_column(Text)
+    """Why the aggregator left this update out of its round (None: aggregated, or not yet)."""
 
 
 class TestMetric(Base):

@@ -1,10 +1,16 @@
-"""Fakes that subclass the real ports, for tests that need to hold the aggregator mid-job."""
+"""Fakes that subclass the real ports: a blob store that holds the aggregator mid-job, a stand-in ensemble."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
+import torch
+
+from services.aggregator.methods import Aggregate, Method, RoundContext
+from shared.aggregation import AggregationMethod, EnsembleParams, MethodParams
 from shared.blobs import LocalBlobStore
 
 
@@ -25,3 +31,24 @@ class GatedBlobStore(LocalBlobStore):
             self.entered.set()
             await self.release.wait()
         return await super().get(key)
+
+
+class KeepAll(Method):
+    """A stand-in ensemble: keeps every update as a member; the model is the first member."""
+
+    name: ClassVar[AggregationMethod] = AggregationMethod.ENSEMBLE
+    params_type: ClassVar[type[MethodParams]] = EnsembleParams
+    holds_updates: ClassVar[bool] = True
+
+    def __init__(self, ctx: RoundContext, params: MethodParams) -> None:
+        super().__init__(ctx, params)
+        self.members: list[dict[str, torch.Tensor]] = []
+
+    def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Keep a copy."""
+        self.members.append({k: v.clone() for k, v in update.items()})
+
+    def result(self) -> Aggregate:
+        """The first member as the model, all of them as members."""
+        record = {"members": len(self.members)}
+        return Aggregate(model=dict(self.members[0]), members=self.members, record=record)

@@ -15,17 +15,19 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
+from services.aggregator import pipeline
 from services.aggregator.handlers import round_model_id
 from services.aggregator.service import Aggregator
+from shared.aggregation import AggregationMethod
 from shared.blobs import content_key, update_key
 from shared.bus import Envelope, envelope_for
 from shared.codec import decode_message, decode_tensors, encode_tensors, packb
-from shared.db.models import ClientUpdate, InboxMessage, Model, Principal, Training
+from shared.db.models import ClientUpdate, InboxMessage, Model, ModelMember, Principal, Training
 from shared.enums import Role, RoundPhase, TrainingState
 from shared.events import MESSAGE_TYPES, AggregateRound, AggregationFailed, ModelAggregated, UpdateRef
 from shared.runtime import Runtime
 from shared.tensors import records_to_state_dict, state_dict_to_records
-from tests.aggregator.fakes import GatedBlobStore
+from tests.aggregator.fakes import GatedBlobStore, KeepAll
 
 DEADLINE_S = 10.0
 
@@ -319,26 +321,36 @@ async def test_same_job_in_a_new_envelope_makes_one_model(runtime, aggregator, o
     assert {first.message_id, again.message_id} <= handled
 
 
-async def test_missing_update_blob_fails_the_job_naming_the_update(runtime, aggregator, outcomes):
-    """A deleted update blob is permanent: AggregationFailed names the update, nothing is stored."""
-    r = await seed_round(runtime)
+async def rejected_reasons(runtime: Runtime, training_id: UUID) -> dict[UUID, str | None]:
+    """Each update row's rejection reason, by update id."""
+    async with runtime.uow() as uow:
+        rows = await uow.session.execute(
+            select(ClientUpdate.id, ClientUpdate.rejected_reason).where(
+                ClientUpdate.training_id == training_id
+            )
+        )
+        return {update_id: reason for update_id, reason in rows}
+
+
+async def test_missing_update_blob_rejects_that_update_and_the_round_goes_on(runtime, aggregator, outcomes):
+    """A deleted update blob leaves that update out with its reason; the others make the model."""
+    r = await seed_round(runtime, delete_updates_after=False)
     gone = r.job.updates[1]
     await runtime.blobs.delete(gone.blob_key)
     await runtime.bus.publish([envelope_for(r.job)])
-
-    async def failed() -> bool:
-        return bool(outcomes.failed)
-
-    await wait_for(failed, "AggregationFailed")
-    (failure,) = outcomes.failed
-    assert (failure.job_id, failure.training_id, failure.round) == (r.job.job_id, r.training_id, 1)
-    assert str(gone.update_id) in failure.reason
-    assert "does not exist" in failure.reason
     await settle(runtime, outcomes)
-    assert await count_models(runtime, r.training_id) == 0
-    assert outcomes.aggregated == []
-    for ref in (r.job.updates[0], r.job.updates[2]):
-        assert await runtime.blobs.exists(ref.blob_key)
+    assert outcomes.failed == []
+    (done,) = outcomes.aggregated
+    assert (done.num_updates, done.num_rejected, done.rejected) == (2, 1, (gone.update_id,))
+    assert done.num_examples == r.weights[0] + r.weights[2]
+    reasons = await rejected_reasons(runtime, r.training_id)
+    assert "does not exist" in (reasons[gone.update_id] or "")
+    assert [reasons[ref.update_id] for ref in (r.job.updates[0], r.job.updates[2])] == [None, None]
+    model = await model_of(runtime, r.training_id)
+    assert model is not None
+    result = records_to_state_dict(decode_tensors(await runtime.blobs.get(model.blob_key)))
+    kept = replace(r, updates=[r.updates[0], r.updates[2]], weights=[r.weights[0], r.weights[2]])
+    np.testing.assert_allclose(result["fc.weight"].numpy(), expected_average(kept)["fc.weight"], rtol=1e-5)
 
 
 def _nan_update(state: dict[str, torch.Tensor]) -> bytes:
@@ -353,6 +365,16 @@ def _reshaped_update(state: dict[str, torch.Tensor]) -> bytes:
     return encode(reshaped)
 
 
+def _retyped_update(state: dict[str, torch.Tensor]) -> bytes:
+    retyped = dict(state)
+    retyped["bn.running_mean"] = retyped["bn.running_mean"].to(torch.float32)
+    return encode(retyped)
+
+
+def _short_update(state: dict[str, torch.Tensor]) -> bytes:
+    return encode({k: v for k, v in state.items() if k != "mask"})
+
+
 @pytest.mark.parametrize(
     ("corrupt", "says"),
     [
@@ -361,34 +383,59 @@ def _reshaped_update(state: dict[str, torch.Tensor]) -> bytes:
             lambda state: packb({"tensors": {"fc.weight": {"dtype": "float8", "shape": [1], "data": b"x"}}}),
             "float8",
         ),
-        (_nan_update, "NonFiniteValues"),
-        (_reshaped_update, "fc.weight"),
+        (_nan_update, "NaN or Inf"),
+        (_reshaped_update, "'fc.weight': shape [3, 4]"),
+        (_retyped_update, "'bn.running_mean': dtype float32"),
+        (_short_update, "missing tensor names: mask"),
     ],
-    ids=["not-msgpack", "unknown-dtype", "nan", "wrong-shape"],
+    ids=["not-msgpack", "unknown-dtype", "nan", "wrong-shape", "wrong-dtype", "missing-tensor"],
 )
-async def test_undecodable_or_unfit_update_fails_the_job(runtime, aggregator, outcomes, corrupt, says):
-    """An update blob that cannot be used is permanent: AggregationFailed names the update and why."""
+async def test_undecodable_or_unfit_update_is_rejected_with_its_reason(
+    runtime, aggregator, outcomes, corrupt, says
+):
+    """An update blob that cannot be used is left out, its reason kept on its row; the round completes."""
     r = await seed_round(runtime)
     bad = r.job.updates[2]
     await runtime.blobs.delete(bad.blob_key)
     await runtime.blobs.put(bad.blob_key, corrupt(r.updates[2]))
     await runtime.bus.publish([envelope_for(r.job)])
     await settle(runtime, outcomes)
+    assert outcomes.failed == []
+    (done,) = outcomes.aggregated
+    assert (done.num_updates, done.num_rejected, done.rejected) == (2, 1, (bad.update_id,))
+    reasons = await rejected_reasons(runtime, r.training_id)
+    assert says in (reasons[bad.update_id] or "")
+    assert await count_models(runtime, r.training_id) == 1
+
+
+async def test_every_update_rejected_fails_the_job_and_keeps_the_reasons(runtime, aggregator, outcomes):
+    """With no update left the round cannot be aggregated: AggregationFailed lists each reason."""
+    r = await seed_round(runtime)
+    for ref, state in zip(r.job.updates, r.updates, strict=True):
+        await runtime.blobs.delete(ref.blob_key)
+        await runtime.blobs.put(ref.blob_key, _nan_update(state))
+    await runtime.bus.publish([envelope_for(r.job)])
+    await settle(runtime, outcomes)
     (failure,) = outcomes.failed
-    assert str(bad.update_id) in failure.reason
-    assert says in failure.reason
+    assert "no update could be aggregated" in failure.reason
+    assert all(str(ref.update_id) in failure.reason for ref in r.job.updates)
+    reasons = await rejected_reasons(runtime, r.training_id)
+    assert all("NaN or Inf" in (reason or "") for reason in reasons.values())
     assert await count_models(runtime, r.training_id) == 0
+    # The job failed, so nothing was aggregated and nothing deleted.
+    for ref in r.job.updates:
+        assert await runtime.blobs.exists(ref.blob_key)
 
 
 async def test_unknown_method_and_empty_job_fail(runtime, aggregator, outcomes):
-    """A method no registry entry names, or a job without updates, ends in AggregationFailed."""
+    """A method no AggregationMethod names, or a job without updates, ends in AggregationFailed."""
     r = await seed_round(runtime)
-    unknown = replace(r.job, job_id=uuid4(), method="krum")
+    unknown = replace(r.job, job_id=uuid4(), method="no-such-method")
     empty = replace(r.job, job_id=uuid4(), updates=())
     await runtime.bus.publish([envelope_for(unknown), envelope_for(empty)])
     await settle(runtime, outcomes)
     reasons = {f.job_id: f.reason for f in outcomes.failed}
-    assert "'krum'" in reasons[unknown.job_id]
+    assert "'no-such-method'" in reasons[unknown.job_id]
     assert "no updates" in reasons[empty.job_id]
     assert await count_models(runtime, r.training_id) == 0
 
@@ -432,3 +479,78 @@ async def test_other_writers_commit_while_a_job_runs(settings, runtime, outcomes
 
 async def _announced(outcomes: Outcomes) -> bool:
     return bool(outcomes.aggregated)
+
+
+async def test_server_state_and_record_are_kept_with_the_model(runtime, aggregator, outcomes):
+    """FedAdam's moments go to a tensor blob the model row names; the next round's job reads them."""
+    r = await seed_round(runtime, delete_updates_after=False)
+    await runtime.bus.publish([envelope_for(replace(r.job, method="fedadam", params={"server_lr": 0.5}))])
+    await settle(runtime, outcomes)
+    model = await model_of(runtime, r.training_id)
+    assert model is not None and model.state_blob_key is not None
+    assert model.record == {}
+    state = records_to_state_dict(decode_tensors(await runtime.blobs.get(model.state_blob_key)))
+    assert {"m/fc.weight", "v/fc.weight"} <= set(state)
+    assert state["m/fc.weight"].shape == r.base["fc.weight"].shape
+
+    round2 = replace(
+        r.job,
+        job_id=uuid4(),
+        round=2,
+        method="fedadam",
+        params={"server_lr": 0.5},
+        base_model_id=model.id,
+        base_blob_key=model.blob_key,
+        base_state_blob_key=model.state_blob_key,
+    )
+    await runtime.bus.publish([envelope_for(round2)])
+    await settle(runtime, outcomes)
+    assert [m.round for m in outcomes.aggregated] == [1, 2]
+    async with runtime.uow() as uow:
+        second = await uow.session.get(Model, round_model_id(r.training_id, 2))
+    assert second is not None and second.state_blob_key not in (None, model.state_blob_key)
+    later = records_to_state_dict(decode_tensors(await runtime.blobs.get(second.state_blob_key)))
+    # Adam's first moment after two rounds: beta1 * m1 + (1 - beta1) * d2, so it is not m1 scaled.
+    assert not torch.equal(later["m/fc.weight"], state["m/fc.weight"])
+
+
+async def test_ensemble_members_are_stored_in_the_order_of_their_updates(
+    runtime, aggregator, outcomes, monkeypatch
+):
+    """Each member is a blob with a row naming its update and client, in the order aggregated."""
+    monkeypatch.setattr(pipeline, "METHODS", {**pipeline.METHODS, AggregationMethod.ENSEMBLE: KeepAll})
+    r = await seed_round(runtime, delete_updates_after=False)
+    await runtime.bus.publish([envelope_for(replace(r.job, method="ensemble"))])
+    await settle(runtime, outcomes)
+    model = await model_of(runtime, r.training_id)
+    assert model is not None and model.record == {"members": 3}
+    async with runtime.uow() as uow:
+        members = (
+            await uow.session.scalars(
+                select(ModelMember).where(ModelMember.model_id == model.id).order_by(ModelMember.index)
+            )
+        ).all()
+    assert [(m.index, m.update_id, m.client_id) for m in members] == [
+        (i, ref.update_id, ref.client_id) for i, ref in enumerate(r.job.updates)
+    ]
+    for m, sent in zip(members, r.updates, strict=True):
+        data = await runtime.blobs.get(m.blob_key)
+        assert (m.blob_key, m.digest) == content_key(data) and m.size_bytes == len(data)
+        stored = records_to_state_dict(decode_tensors(data))
+        assert list(stored) == list(r.base)
+        assert all(torch.equal(stored[k], sent[k]) for k in sent)
+
+
+async def test_an_update_over_the_norm_bound_is_rejected(runtime, aggregator, outcomes):
+    """max_update_norm: a client's scaled update is left out with the norm in its reason."""
+    r = await seed_round(runtime, delete_updates_after=False)
+    big = r.job.updates[0]
+    scaled = {k: v * 1000 if v.dtype.is_floating_point else v for k, v in r.updates[0].items()}
+    await runtime.blobs.delete(big.blob_key)
+    await runtime.blobs.put(big.blob_key, encode(scaled))
+    await runtime.bus.publish([envelope_for(replace(r.job, max_update_norm=100.0))])
+    await settle(runtime, outcomes)
+    (done,) = outcomes.aggregated
+    assert done.rejected == (big.update_id,)
+    reason = (await rejected_reasons(runtime, r.training_id))[big.update_id] or ""
+    assert "exceeds max_update_norm 100" in reason

@@ -57,6 +57,11 @@ SAMPLES: dict[type[Message], Message] = {
             events.UpdateRef(update_id=uuid4(), client_id=uuid4(), blob_key="update/x", num_examples=3),
         ),
         delete_updates_after=False,
+        params={"server_lr": 0.5, "beta1": 0.8},
+        update_kind="delta",
+        exclude_vars=r"\.num_batches_tracked$",
+        max_update_norm=12.5,
+        base_state_blob_key="sha256/" + "ef" * 32,
     ),
     events.ModelAggregated: events.ModelAggregated(
         job_id=uuid4(),
@@ -66,6 +71,8 @@ SAMPLES: dict[type[Message], Message] = {
         blob_key="sha256/" + "cd" * 32,
         num_updates=2,
         num_examples=131,
+        num_rejected=1,
+        rejected=(uuid4(),),
     ),
     events.AggregationFailed: events.AggregationFailed(
         job_id=uuid4(), training_id=_T, round=2, reason="update 1 of client 2: blob does not exist"
@@ -127,6 +134,24 @@ def test_message_defaults_fill_fields_an_older_sender_left_out():
     decoded = decode_message(events.AggregateRound, raw)
     assert isinstance(decoded, events.AggregateRound)
     assert decoded.delete_updates_after is True
+
+
+def test_an_aggregation_job_from_before_the_spec_fields_decodes_as_plain_fedavg():
+    """A job or announcement written before the aggregation spec existed gets its fields' defaults."""
+    job = SAMPLES[events.AggregateRound]
+    new = {"params", "update_kind", "exclude_vars", "max_update_norm", "base_state_blob_key"}
+    raw = packb({name: getattr(job, name) for name in job.__dataclass_fields__ if name not in new})
+    decoded = decode_message(events.AggregateRound, raw)
+    assert isinstance(decoded, events.AggregateRound)
+    assert (decoded.params, decoded.update_kind, decoded.exclude_vars) == ({}, "weights", None)
+    assert (decoded.max_update_norm, decoded.base_state_blob_key) == (None, None)
+    done = SAMPLES[events.ModelAggregated]
+    raw = packb(
+        {n: getattr(done, n) for n in done.__dataclass_fields__ if n not in ("num_rejected", "rejected")}
+    )
+    announced = decode_message(events.ModelAggregated, raw)
+    assert isinstance(announced, events.ModelAggregated)
+    assert (announced.num_rejected, announced.rejected) == (0, ())
 
 
 @pytest.mark.parametrize(

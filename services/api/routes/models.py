@@ -12,6 +12,7 @@ from services.api.schemas import (
     JSON,
     MSGPACK,
     ErrorOut,
+    MemberOut,
     ModelOut,
     PayloadFormat,
     TensorSpecOut,
@@ -39,7 +40,7 @@ _TENSOR_BODY = {
 }
 
 
-def model_out(model: Model) -> ModelOut:
+def model_out(model: Model, num_members: int = 0) -> ModelOut:
     """A model row as the API shows it."""
     return ModelOut(
         id=model.id,
@@ -52,6 +53,8 @@ def model_out(model: Model) -> ModelOut:
         training_id=model.training_id,
         round=model.round,
         created_at=model.created_at,
+        record=model.record,
+        num_members=num_members,
     )
 
 
@@ -77,8 +80,9 @@ async def upload_model(
 
 @router.get("/{model_id}")
 async def get_model(model_id: UUID, principal: CurrentPrincipal, uow: UowDep) -> ModelOut:
-    """A model's metadata: any model for actors, their trainings' models for clients."""
-    return model_out(await service.visible_model(uow.session, model_id, principal))
+    """A model's metadata (and its round's record): any model for actors, their trainings' for clients."""
+    model = await service.visible_model(uow.session, model_id, principal)
+    return model_out(model, await service.count_members(uow.session, model_id))
 
 
 @router.get(
@@ -91,6 +95,43 @@ async def get_weights(
 ) -> Response:
     """A model's tensors: the stored msgpack bytes as they are, or JSON+base64 when JSON is accepted."""
     blob = await service.model_weights(uow.session, blobs, model_id, principal)
+    return await _tensor_response(blob, request)
+
+
+@router.get("/{model_id}/members", responses={404: {"model": ErrorOut}})
+async def get_members(model_id: UUID, principal: CurrentPrincipal, uow: UowDep) -> list[MemberOut]:
+    """An ensemble model's members in order (empty for other models)."""
+    members = await service.model_members(uow.session, model_id, principal)
+    return [
+        MemberOut(
+            index=m.index,
+            digest=m.digest,
+            size_bytes=m.size_bytes,
+            update_id=m.update_id,
+            client_id=m.client_id,
+        )
+        for m in members
+    ]
+
+
+@router.get(
+    "/{model_id}/members/{index}",
+    response_class=Response,
+    responses={
+        200: {"content": {MSGPACK: {}, JSON: {}}, "description": "the member's tensor payload"},
+        404: {"model": ErrorOut},
+    },
+)
+async def get_member_weights(
+    model_id: UUID, index: int, request: Request, principal: CurrentPrincipal, uow: UowDep, blobs: BlobsDep
+) -> Response:
+    """One ensemble member's tensors, encoded as model downloads are."""
+    blob = await service.member_weights(uow.session, blobs, model_id, index, principal)
+    return await _tensor_response(blob, request)
+
+
+async def _tensor_response(blob: bytes, request: Request) -> Response:
+    """The stored msgpack bytes as they are, or JSON+base64 when JSON is accepted."""
     if not wants_json(request.headers.get("accept")):
         return Response(blob, media_type=MSGPACK)
     body = await service.offload(len(blob), weights_as_json, blob)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, status
 
 from services.api import service
 from services.api.deps import CurrentActor, CurrentPrincipal, UowDep
-from services.api.schemas import ErrorOut, RoundOut, TrainingCreate, TrainingOut
+from services.api.schemas import ErrorOut, RejectedOut, RoundOut, TrainingCreate, TrainingOut
 from services.api.service import RoundView, TrainingView
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
@@ -24,6 +24,11 @@ def training_out(view: TrainingView) -> TrainingOut:
         round=t.round,
         rounds=t.rounds,
         aggregation=t.aggregation,
+        aggregation_params=dict(t.aggregation_params or {}),
+        update_kind=t.update_kind,
+        exclude_vars=t.exclude_vars,
+        max_update_norm=t.max_update_norm,
+        client_config=t.client_config(),
         min_clients=t.min_clients,
         round_timeout_s=t.round_timeout_s,
         skip_model_tests=t.skip_model_tests,
@@ -53,6 +58,9 @@ def round_out(view: RoundView) -> RoundOut:
         num_examples=r.num_examples,
         train_metrics=view.train_metrics,
         test_metrics=view.test_metrics,
+        rejected=[
+            RejectedOut(update_id=r.update_id, client_id=r.client_id, reason=r.reason) for r in view.rejected
+        ],
     )
 
 

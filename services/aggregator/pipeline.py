@@ -1,0 +1,337 @@
+"""One round's aggregation without the database: base model and update blobs in, the round's outcome out.
+
+`aggregate_round` reads the job's blobs one at a time and hands them to a `RoundPipeline`, which does
+the CPU work (run in a thread):
+
+1. The base model (and the server state its round left) is decoded; the method is built over
+   ``RoundContext(base restricted to the tensors not matching exclude_vars, device, state, seed)``
+   with the seed derived from (training id, round), so a redelivered job gives the same result.
+2. Each update, one at a time (its bytes are released before the next is read), is decoded and
+   checked: exactly the base's tensors minus the excluded ones, the base's dtypes and shapes,
+   finite values. A `delta` upload becomes full weights, ``w = base + delta`` in the tensor's dtype
+   (integers too: the SDK's ``w - base`` wraps the same way, so the sum is exact; a bool tensor's
+   delta is ``w xor base``). With `max_update_norm`, the L2 norm of the delta over the floating
+   tensors (in float64) must not exceed it. An update failing any of this is *rejected* with its
+   reason: it is left out and the round goes on.
+3. The method's result gets the excluded tensors back from the base, in the base's order (its
+   ensemble members too).
+
+What no retry can fix (an unknown method, a bad spec, a missing or undecodable base model, no
+update accepted, a method refusing the round) raises `JobRejected`; anything else (the blob store
+down) propagates, so the job is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+import structlog
+import torch
+from pydantic import ValidationError
+
+from services.aggregator.methods import METHODS, Aggregate, Method, NothingToAggregate, RoundContext
+from services.aggregator.methods.base import InvalidWeight, TooFewUpdates, UpdateMismatch
+from shared.aggregation import AggregationMethod, AggregationSpec, UpdateKind
+from shared.blobs import BlobStore
+from shared.blobs.base import BlobNotFound
+from shared.codec import TensorRecord, decode_tensors
+from shared.errors import FedhubError
+from shared.events import AggregateRound, UpdateRef
+from shared.tensors import first_non_finite, records_to_state_dict
+
+log = structlog.get_logger(component="aggregator")
+
+_DTYPES: Mapping[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+class JobRejected(FedhubError):
+    """An aggregation job that cannot succeed however often it is retried; `detail` is the reason.
+
+    `rejected` lists the updates validation left out before the round failed (kept on their rows).
+    """
+
+    status_code = 422
+
+    def __init__(self, detail: str, rejected: Sequence[Rejection] = ()) -> None:
+        super().__init__(detail)
+        self.rejected = tuple(rejected)
+
+
+class UpdateRejected(FedhubError):
+    """One update cannot take part in its round; `detail` is the reason kept on its row."""
+
+    status_code = 422
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An update left out of its round, and why."""
+
+    ref: UpdateRef
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOutcome:
+    """What a round gave: the method's aggregate (full models), the updates taken and those left out."""
+
+    aggregate: Aggregate
+    accepted: tuple[UpdateRef, ...]
+    rejected: tuple[Rejection, ...]
+
+
+def round_seed(training_id: UUID, round_number: int) -> int:
+    """The method's seed for a training's round: the same on every delivery and every process."""
+    digest = hashlib.sha256(f"{training_id}/{round_number}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def job_spec(job: AggregateRound) -> AggregationSpec:
+    """The aggregation a job asks for; `JobRejected` when it is not a valid one."""
+    if job.method not in set(AggregationMethod):
+        known = ", ".join(m.value for m in AggregationMethod)
+        raise JobRejected(f"unknown aggregation method {job.method!r} (known: {known})")
+    try:
+        return AggregationSpec(
+            method=job.method,
+            params=dict(job.params),
+            update_kind=job.update_kind,
+            exclude_vars=job.exclude_vars,
+            max_update_norm=job.max_update_norm,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
+        )
+        raise JobRejected(f"the job's aggregation is not valid: {problems}") from None
+
+
+def decode_state_dict(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    """A stored tensor blob as CPU tensors; `JobRejected` naming `what` when it does not decode."""
+    try:
+        return records_to_state_dict(decode_tensors(data))
+    except FedhubError as exc:
+        raise JobRejected(f"{what}: {exc.name}: {exc.detail}") from exc
+
+
+class RoundPipeline:
+    """The synchronous core of a round: validate and convert each update, feed the method, finish.
+
+    Built over the decoded base model; `offer` takes one update's bytes and returns the reason it
+    was rejected (None when accepted); `finish` gives the outcome. Not thread-safe: one caller.
+    """
+
+    def __init__(
+        self,
+        spec: AggregationSpec,
+        base: Mapping[str, torch.Tensor],
+        *,
+        device: torch.device,
+        seed: int,
+        state: Mapping[str, torch.Tensor] | None = None,
+        method_cls: type[Method] | None = None,
+    ) -> None:
+        cls = method_cls if method_cls is not None else METHODS.get(spec.method)
+        if cls is None:
+            known = ", ".join(sorted(str(m) for m in METHODS))
+            raise JobRejected(f"aggregation method {spec.method.value!r} is not available (known: {known})")
+        self.spec = spec
+        self._order = list(base)
+        self._excluded = {name: t for name, t in base.items() if spec.excluded(name)}
+        self._kept = {name: t for name, t in base.items() if name not in self._excluded}
+        if not self._kept:
+            raise JobRejected(f"exclude_vars {spec.exclude_vars!r} matches every tensor of the base model")
+        ctx = RoundContext(base=self._kept, device=device, state=dict(state or {}), seed=seed)
+        self.method = cls(ctx, spec.typed_params())
+        self.accepted: list[UpdateRef] = []
+        self.rejected: list[Rejection] = []
+
+    def offer(self, ref: UpdateRef, data: bytes | None) -> str | None:
+        """Validate one update's bytes and add it to the method; the rejection reason, or None.
+
+        `data` None stands for an update whose blob is gone.
+        """
+        try:
+            if data is None:
+                raise UpdateRejected(f"blob {ref.blob_key!r} does not exist")
+            update = self.prepare(decode_tensors(data))
+            self.method.add(update, float(ref.num_examples))
+        except (UpdateRejected, UpdateMismatch, InvalidWeight) as exc:
+            reason = exc.detail if isinstance(exc, UpdateRejected) else f"{exc.name}: {exc.detail}"
+            return self._reject(ref, reason)
+        except FedhubError as exc:  # undecodable: MalformedPayload, UnsupportedDtype
+            return self._reject(ref, f"{exc.name}: {exc.detail}")
+        self.accepted.append(ref)
+        return None
+
+    def prepare(self, records: Sequence[TensorRecord]) -> dict[str, torch.Tensor]:
+        """An update's records as full weights over the kept tensors, or `UpdateRejected` saying why."""
+        names = [r.name for r in records]
+        present = set(names)
+        excluded = sorted(present & self._excluded.keys())
+        if excluded:
+            raise UpdateRejected(
+                f"tensors matching exclude_vars {self.spec.exclude_vars!r} must be left out: "
+                + ", ".join(excluded)
+            )
+        unknown = sorted(present - self._kept.keys())
+        if unknown:
+            raise UpdateRejected(f"unknown tensor names: {', '.join(unknown)}")
+        missing = [name for name in self._kept if name not in present]
+        if missing:
+            raise UpdateRejected(f"missing tensor names: {', '.join(missing)}")
+        if len(names) != len(present):
+            raise UpdateRejected("a tensor name appears twice")
+        for r in records:
+            base = self._kept[r.name]
+            if _DTYPES.get(r.dtype) != base.dtype:
+                raise UpdateRejected(f"tensor {r.name!r}: dtype {r.dtype}, the base model has {base.dtype}")
+            if r.shape != tuple(base.shape):
+                raise UpdateRejected(
+                    f"tensor {r.name!r}: shape {list(r.shape)}, the base model has {list(base.shape)}"
+                )
+        bad = first_non_finite(records)
+        if bad is not None:
+            raise UpdateRejected(f"tensor {bad!r} holds NaN or Inf values")
+        tensors = records_to_state_dict(records)
+        if self.spec.update_kind is UpdateKind.DELTA:
+            self._check_norm(tensors, delta=True)
+            full = {name: _plus(self._kept[name], tensors[name]) for name in self._kept}
+        else:
+            self._check_norm(tensors, delta=False)
+            full = {name: tensors[name] for name in self._kept}
+        return full
+
+    def finish(self) -> RoundOutcome:
+        """The round's outcome; `JobRejected` when nothing was accepted or the method refuses."""
+        if not self.accepted:
+            reasons = "; ".join(f"update {r.ref.update_id}: {r.reason}" for r in self.rejected)
+            raise JobRejected(
+                f"no update could be aggregated ({reasons or 'the job lists none'})", self.rejected
+            )
+        try:
+            aggregate = self.method.result()
+        except (NothingToAggregate, TooFewUpdates) as exc:
+            raise JobRejected(f"{exc.name}: {exc.detail}", self.rejected) from exc
+        outcome = Aggregate(
+            model=self._complete(aggregate.model, "model"),
+            state=aggregate.state,
+            members=[self._complete(m, f"member {i}") for i, m in enumerate(aggregate.members)],
+            record=aggregate.record,
+        )
+        return RoundOutcome(outcome, tuple(self.accepted), tuple(self.rejected))
+
+    def _check_norm(self, tensors: Mapping[str, torch.Tensor], *, delta: bool) -> None:
+        bound = self.spec.max_update_norm
+        if bound is None:
+            return
+        total = 0.0
+        for name, tensor in tensors.items():
+            if not tensor.dtype.is_floating_point:
+                continue
+            diff = tensor.to(torch.float64, copy=True)
+            if not delta:
+                diff.sub_(self._kept[name])
+            total += float(torch.dot(diff.reshape(-1), diff.reshape(-1)))
+        norm = math.sqrt(total)
+        if not norm <= bound:
+            raise UpdateRejected(f"update norm {norm:.6g} exceeds max_update_norm {bound:g}")
+
+    def _complete(self, tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+        """`tensors` (the kept ones) plus the excluded ones from the base, in the base's order."""
+        out: dict[str, torch.Tensor] = {}
+        for name in self._order:
+            if name in self._excluded:
+                out[name] = self._excluded[name]
+            elif name in tensors:
+                out[name] = tensors[name]
+            else:
+                raise RuntimeError(f"{type(self.method).__name__} left tensor {name!r} out of its {what}")
+        return out
+
+    def _reject(self, ref: UpdateRef, reason: str) -> str:
+        self.rejected.append(Rejection(ref, reason))
+        log.warning(
+            "update.rejected", update_id=str(ref.update_id), client_id=str(ref.client_id), reason=reason
+        )
+        return reason
+
+
+def _plus(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``base + delta`` in the tensor's dtype (bool: xor)."""
+    if base.dtype == torch.bool:
+        return torch.logical_xor(base, delta)
+    return torch.add(base, delta)
+
+
+async def read_blob(blobs: BlobStore, key: str, what: str) -> bytes:
+    """A blob the job cannot do without; `JobRejected` naming `what` when it does not exist."""
+    try:
+        return await blobs.get(key)
+    except BlobNotFound:
+        raise JobRejected(f"{what}: blob {key!r} does not exist") from None
+    except ValueError as exc:  # a key the store refuses outright
+        raise JobRejected(f"{what}: {exc}") from None
+
+
+async def read_update(blobs: BlobStore, ref: UpdateRef) -> bytes | None:
+    """An update's bytes, or None when its blob is gone (the update is then rejected)."""
+    try:
+        return await blobs.get(ref.blob_key)
+    except (BlobNotFound, ValueError):
+        return None
+
+
+async def open_round(job: AggregateRound, blobs: BlobStore, device: torch.device) -> RoundPipeline:
+    """Read and decode the job's base model and state and build its pipeline (off the event loop)."""
+    spec = job_spec(job)
+    base_bytes = await read_blob(blobs, job.base_blob_key, f"base model {job.base_model_id}")
+    base = await asyncio.to_thread(decode_state_dict, base_bytes, f"base model {job.base_model_id}")
+    del base_bytes
+    state: dict[str, torch.Tensor] = {}
+    if job.base_state_blob_key is not None:
+        what = f"server state of base model {job.base_model_id}"
+        state_bytes = await read_blob(blobs, job.base_state_blob_key, what)
+        state = await asyncio.to_thread(decode_state_dict, state_bytes, what)
+        del state_bytes
+    return await asyncio.to_thread(
+        RoundPipeline,
+        spec,
+        base,
+        device=device,
+        seed=round_seed(job.training_id, job.round),
+        state=state,
+    )
+
+
+async def feed(pipeline: RoundPipeline, refs: Sequence[UpdateRef], blobs: BlobStore) -> None:
+    """Offer `refs` to the pipeline one at a time; each update's bytes are dropped before the next read."""
+    for ref in refs:
+        data = await read_update(blobs, ref)
+        await asyncio.to_thread(pipeline.offer, ref, data)
+        del data
+
+
+async def aggregate_round(job: AggregateRound, blobs: BlobStore, device: torch.device) -> RoundOutcome:
+    """Run a whole round: base, every update of the job, the method's result (see the module doc)."""
+    if not job.updates:
+        raise JobRejected("the job lists no updates")
+    pipeline = await open_round(job, blobs, device)
+    await feed(pipeline, job.updates, blobs)
+    return await asyncio.to_thread(pipeline.finish)
