@@ -82,11 +82,17 @@ def train_one_round(
     epochs: int = 1,
     lr: float = 0.05,
     batch_size: int = 32,
+    mu: float = 0.0,
 ) -> dict[str, float]:
     """Train `model` in place with SGD for `epochs`; return mean train loss and accuracy over them.
 
     The batch order of epoch `e` comes from a generator seeded `1000 * round + client + 100000 * e`,
     so a client's round is reproducible. With no data the model is left as it is.
+
+    With ``mu > 0`` (FedProx; Li et al. 2020, "Federated Optimization in Heterogeneous Networks",
+    https://arxiv.org/abs/1812.06127) each batch minimises ``loss + mu / 2 * ||w - w_global||^2``,
+    ``w_global`` being the parameters the model had when called (the round's global model). The
+    reported loss is the data loss alone.
     """
     n = len(y)
     if n == 0:
@@ -95,6 +101,7 @@ def train_one_round(
     targets = torch.tensor(np.asarray(y, dtype=np.int64))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
+    anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
     model.train()
     total_loss = 0.0
     correct = 0
@@ -106,8 +113,15 @@ def train_one_round(
             batch = order[start : start + batch_size]
             logits = model(inputs[batch])
             loss = loss_fn(logits, targets[batch])
+            objective = loss
+            if anchor:
+                proximal = sum(
+                    (torch.sum((p - w0) ** 2) for p, w0 in zip(model.parameters(), anchor, strict=True)),
+                    start=torch.zeros(()),
+                )
+                objective = loss + mu / 2 * proximal
             optimizer.zero_grad()
-            loss.backward()
+            objective.backward()
             optimizer.step()
             total_loss += loss.item() * len(batch)
             correct += int((logits.argmax(dim=1) == targets[batch]).sum())
@@ -172,7 +186,10 @@ class DemoWorkload:
         return {k: v.detach().clone() for k, v in make_model(self.seed).state_dict().items()}
 
     def fit_fn(self, client_index: int, epochs: int = 1, lr: float = 0.05) -> FitFn:
-        """A `FitFn` training on client `client_index`'s local train split for `epochs`."""
+        """A `FitFn` training on client `client_index`'s local train split for `epochs`.
+
+        A ``mu`` in the round's config (FedProx) adds the proximal term (see `train_one_round`).
+        """
         data = self.clients[client_index]
         x, y = self.x_train[data.train], self.y_train[data.train]
 
@@ -181,7 +198,14 @@ class DemoWorkload:
         ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
             model = self._model(weights)
             metrics = train_one_round(
-                model, x, y, round=int(config["round"]), client=client_index, epochs=epochs, lr=lr
+                model,
+                x,
+                y,
+                round=int(config["round"]),
+                client=client_index,
+                epochs=epochs,
+                lr=lr,
+                mu=float(config.get("mu") or 0.0),
             )
             new_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return new_weights, len(y), metrics

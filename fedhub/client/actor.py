@@ -79,6 +79,19 @@ class ActorClient:
         )
         return await asyncio.to_thread(_decode_model, response.content)
 
+    async def get_members(self, model_id: UUID | str) -> list[dict[str, Any]]:
+        """An ensemble model's members (`index`, `digest`, `size_bytes`, `update_id`, `client_id`)."""
+        response = await self._transport.request("GET", f"/v1/models/{model_id}/members")
+        members: list[dict[str, Any]] = response.json()
+        return members
+
+    async def download_member(self, model_id: UUID | str, index: int) -> dict[str, torch.Tensor]:
+        """One ensemble member's weights as a state dict."""
+        response = await self._transport.request(
+            "GET", f"/v1/models/{model_id}/members/{index}", headers={"Accept": MSGPACK}
+        )
+        return await asyncio.to_thread(_decode_model, response.content)
+
     async def create_training(
         self,
         model_id: UUID | str,
@@ -90,8 +103,19 @@ class ActorClient:
         skip_model_tests: bool = False,
         model_test_after_each_round: bool = True,
         delete_local_models_after_aggregation: bool = True,
+        *,
+        aggregation_params: Mapping[str, Any] | None = None,
+        update_kind: str | None = None,
+        exclude_vars: str | None = None,
+        max_update_norm: float | None = None,
     ) -> dict[str, Any]:
-        """Create a training (state INITIAL) over `clients`, starting from model `model_id`."""
+        """Create a training (state INITIAL) over `clients`, starting from model `model_id`.
+
+        `aggregation` names the method and `aggregation_params` its parameters (docs/aggregation.md);
+        `update_kind` ("weights" or "delta"), `exclude_vars` (a regex of tensors clients leave out)
+        and `max_update_norm` (updates further from the global model are rejected) are sent only
+        when given.
+        """
         body: dict[str, Any] = {
             "model_id": str(model_id),
             "clients": [str(c) for c in clients],
@@ -105,6 +129,13 @@ class ActorClient:
             body["min_clients"] = min_clients
         if round_timeout_s is not None:
             body["round_timeout_s"] = round_timeout_s
+        optional = {
+            "aggregation_params": dict(aggregation_params) if aggregation_params is not None else None,
+            "update_kind": update_kind,
+            "exclude_vars": exclude_vars,
+            "max_update_norm": max_update_norm,
+        }
+        body.update({key: value for key, value in optional.items() if value is not None})
         training = await self._json("POST", "/v1/trainings", json=body, idempotent=False)
         log.info("actor.training_created", training_id=training.get("id"), rounds=rounds)
         return training

@@ -8,6 +8,7 @@ worker thread and sends the results back. It checks the training's state wheneve
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -58,7 +59,11 @@ class Client:
     on_event
         Called with ``("uploaded" | "tested" | "finished", details)``; errors it raises are logged.
 
-    ``config`` holds ``training_id``, ``round`` and ``global_model_id`` (strings but ``round``).
+    ``config`` holds ``training_id``, ``round`` and ``global_model_id`` (strings but ``round``) and
+    what the training tells its clients (its ``client_config``): ``update_kind``, ``exclude_vars``
+    and, for FedProx, ``mu`` (the proximal weight ``fit`` should apply). ``fit`` always returns full
+    weights: with ``update_kind="delta"`` the SDK uploads ``new - global`` (xor for bool tensors), and
+    it leaves out the tensors ``exclude_vars`` matches (they keep the server's values).
     """
 
     def __init__(
@@ -120,6 +125,9 @@ class _Session:
         self.open_update_round = 0
         self.open_test_round = 0
         self.cached: tuple[UUID, list[TensorRecord]] | None = None
+        # What the training tells clients (update kind, excluded tensors, mu): from the round's
+        # notification, or from the training's JSON when catching up.
+        self.client_config: dict[str, Any] = {}
 
     def _params(self) -> dict[str, str]:
         return {"training_id": str(self.training_id)} if self.training_id is not None else {}
@@ -162,6 +170,7 @@ class _Session:
         if kind not in (UPDATE_ROUND_START, MODEL_TEST_ROUND):
             return None
         round_, model_id = notification.round, notification.global_model_id
+        self.learn(notification.body.get("client_config"))
         if round_ is None or model_id is None:
             self.log.warning("client.notification_incomplete", notification_type=kind, body=notification.body)
             return None
@@ -175,6 +184,7 @@ class _Session:
     async def catch_up(self) -> RunResult | None:
         """Act on the training's current state (after each connect): notifications may have been missed."""
         training = await self.get_training()
+        self.learn(training.get("client_config"))
         state, phase = training.get("state"), training.get("phase")
         if state in _TERMINAL_STATES:
             return self.finished(training)
@@ -209,7 +219,8 @@ class _Session:
         config = self.config(round_, model_id)
         new_weights, num_examples, metrics = await asyncio.to_thread(self.client.fit, weights, config)
         num_examples, metrics = _checked(num_examples, metrics, "fit")
-        body = await asyncio.to_thread(_encode_update, round_, num_examples, metrics, new_weights)
+        outgoing = await asyncio.to_thread(self.outgoing, new_weights)
+        body = await asyncio.to_thread(_encode_update, round_, num_examples, metrics, outgoing)
         try:
             response = await self.transport.request(
                 "POST",
@@ -333,7 +344,31 @@ class _Session:
 
     def config(self, round_: int, model_id: UUID) -> dict[str, Any]:
         """What `fit` and `evaluate` get besides the weights."""
-        return {"training_id": str(self.training_id), "round": round_, "global_model_id": str(model_id)}
+        return {
+            "training_id": str(self.training_id),
+            "round": round_,
+            "global_model_id": str(model_id),
+            **self.client_config,
+        }
+
+    def learn(self, client_config: object) -> None:
+        """Keep the training's client config when a notification or the training's JSON carries one."""
+        if isinstance(client_config, Mapping):
+            self.client_config = {str(k): v for k, v in client_config.items()}
+
+    def outgoing(self, new_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What to upload of `fit`'s weights: excluded tensors left out, deltas to the global model."""
+        pattern = self.client_config.get("exclude_vars")
+        kept = {
+            name: tensor
+            for name, tensor in new_weights.items()
+            if not (isinstance(pattern, str) and re.search(pattern, name))
+        }
+        if self.client_config.get("update_kind") != "delta":
+            return kept
+        assert self.cached is not None  # fit ran on the downloaded model
+        global_weights = records_to_state_dict(self.cached[1])
+        return {name: _delta(tensor, global_weights.get(name)) for name, tensor in kept.items()}
 
     def emit(self, kind: str, details: dict[str, Any]) -> None:
         """Call the user's hook; its failures are logged, never allowed to stop the training."""
@@ -354,6 +389,21 @@ def _checked(num_examples: object, metrics: object, what: str) -> tuple[int, dic
     if not isinstance(metrics, Mapping):
         raise TypeError(f"{what} must return metrics as a dict of str -> float, got {type(metrics).__name__}")
     return num_examples, {str(k): float(v) for k, v in metrics.items()}
+
+
+def _delta(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+    """``new - old`` in the tensor's dtype (integers wrap, and the server adds back exactly; bool: xor).
+
+    A tensor the global model lacks, or of another dtype or shape, goes as it is: the server refuses
+    it by name.
+    """
+    import torch
+
+    if old is None or old.dtype != new.dtype or old.shape != new.shape:
+        return new
+    if new.dtype == torch.bool:
+        return torch.logical_xor(new, old)
+    return torch.sub(new, old)
 
 
 def _encode_update(

@@ -135,12 +135,17 @@ class ModelInfo:
     training_id: UUID | None = None
     round: int | None = None
     created_at: datetime | None = None
+    record: dict[str, Any] | None = None
+    """What the aggregation method recorded about the round that made the model."""
+    num_members: int = 0
+    """Ensemble members (`ActorClient.get_members`)."""
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> ModelInfo:
         """Build from the API's JSON answer."""
         spec = raw.get("spec")
         round_ = raw.get("round")
+        record = raw.get("record")
         return cls(
             id=UUID(str(raw["id"])),
             name=str(raw.get("name") or ""),
@@ -150,4 +155,6 @@ class ModelInfo:
             training_id=_uuid_or_none(raw.get("training_id")),
             round=round_ if isinstance(round_, int) else None,
             created_at=_datetime_or_none(raw.get("created_at")),
+            record=record if isinstance(record, dict) else None,
+            num_members=int(raw.get("num_members") or 0),
         )

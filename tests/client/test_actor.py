@@ -141,6 +141,48 @@ async def test_create_training_sends_options_and_leaves_out_unset_ones(server: S
         "delete_local_models_after_aggregation": True,
     }
     assert (second["min_clients"], second["round_timeout_s"], second["skip_model_tests"]) == (1, 30, True)
+    assert not {"aggregation_params", "update_kind", "exclude_vars", "max_update_norm"} & second.keys()
+
+
+async def test_create_training_sends_the_aggregation_options_when_given(server: ScriptedServer, actor):
+    """Method parameters, update kind, excluded tensors and the norm bound go in the body."""
+    server.on("POST", "/v1/trainings", httpx.Response(201, json={"id": str(T), "state": "INITIAL"}))
+    await actor.create_training(
+        "m1",
+        [uuid4()],
+        rounds=2,
+        aggregation="fedadam",
+        aggregation_params={"server_lr": 0.5},
+        update_kind="delta",
+        exclude_vars="^bn",
+        max_update_norm=4.0,
+    )
+    body = json.loads(server.requests[0].content)
+    assert body["aggregation"] == "fedadam"
+    assert (
+        body["aggregation_params"],
+        body["update_kind"],
+        body["exclude_vars"],
+        body["max_update_norm"],
+    ) == (
+        {"server_lr": 0.5},
+        "delta",
+        "^bn",
+        4.0,
+    )
+
+
+async def test_ensemble_members_are_listed_and_downloaded(server: ScriptedServer, actor):
+    """get_members lists them; download_member asks for msgpack and builds a state dict."""
+    mid = uuid4()
+    member = {"w": torch.arange(3, dtype=torch.float32)}
+    listing = [{"index": 0, "digest": "d", "size_bytes": 9, "update_id": None, "client_id": None}]
+    server.on("GET", f"/v1/models/{mid}/members", httpx.Response(200, json=listing))
+    server.on("GET", f"/v1/models/{mid}/members/0", weights_response(member))
+    assert await actor.get_members(mid) == listing
+    got = await actor.download_member(mid, 0)
+    assert torch.equal(got["w"], member["w"])
+    assert server.requests[1].headers["Accept"] == "application/msgpack"
 
 
 async def test_training_reads_and_start(server: ScriptedServer, actor):

@@ -522,3 +522,65 @@ def test_run_sync_runs_the_client_in_its_own_loop(server: ScriptedServer, monkey
 
     assert result.final_model_id == M2
     assert server.calls == ["GET /v1/events", f"GET {TRAINING}"]
+
+
+async def test_client_config_shapes_fit_config_and_the_upload(server: ScriptedServer, http):
+    """A round's client_config: fit gets mu; the upload is new - global without the excluded tensors."""
+    base = {
+        "w": torch.full((2, 3), 2.0),
+        "b": torch.arange(3, dtype=torch.float32),
+        "steps": torch.tensor([5], dtype=torch.int64),
+        "mask": torch.tensor([True, False]),
+    }
+    config = {"update_kind": "delta", "exclude_vars": "^b$", "mu": 0.5}
+    server.stream(
+        sse(1, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0, client_config=config),
+        sse(2, "TRAINING_FINISHED", T, round=1, global_model_uuid=M1),
+        Hang(),
+    )
+    server.on("GET", TRAINING, training("INITIAL"), training("COMPLETED", round_=1, model=M1))
+    server.on("GET", f"/v1/models/{M0}/weights", weights_response(base))
+    server.on("POST", UPDATES, created(1))
+    seen: list[dict[str, Any]] = []
+
+    def fit(weights, cfg):
+        seen.append(cfg)
+        new = {k: v.clone() for k, v in weights.items()}
+        new["w"] += 0.25
+        new["b"] += 100
+        new["steps"] += 3
+        new["mask"] = torch.tensor([False, False])
+        return new, 4, {}
+
+    client = Client(BASE, TOKEN, fit=fit, training_id=T, http=http, retry=FAST)
+    await client.run()
+
+    assert seen == [{"training_id": str(T), "round": 1, "global_model_id": str(M0), **config}]
+    (request,) = server.requests_to("POST", UPDATES)
+    _, sent = decode_update(request)
+    assert list(sent) == ["w", "steps", "mask"]
+    assert torch.equal(sent["w"], torch.full((2, 3), 0.25))
+    assert torch.equal(sent["steps"], torch.tensor([3]))
+    assert torch.equal(sent["mask"], torch.tensor([True, False]))
+
+
+async def test_catching_up_learns_the_client_config_from_the_training(server: ScriptedServer, http):
+    """A client joining mid-round reads client_config from the training's JSON and uses it."""
+    server.stream(sse(1, "TRAINING_FINISHED", T, round=1, global_model_uuid=M1), Hang())
+    server.on(
+        "GET",
+        TRAINING,
+        training("ONGOING", "COLLECTING", 1, client_config={"update_kind": "weights", "exclude_vars": "^w$"}),
+        training("COMPLETED", round_=1, model=M1),
+    )
+    server.on("GET", f"/v1/models/{M0}/weights", weights_response(MODELS[M0]))
+    server.on("POST", UPDATES, created(1))
+    rec = Recorder()
+
+    await make_client(http, rec).run()
+
+    assert rec.fits[0][1]["exclude_vars"] == "^w$"
+    (request,) = server.requests_to("POST", UPDATES)
+    _, sent = decode_update(request)
+    assert list(sent) == ["b"]
+    assert torch.equal(sent["b"], MODELS[M0]["b"] + 1)

@@ -140,3 +140,37 @@ def test_workload_callbacks_plug_into_the_client_shapes():
     assert loss == pytest.approx(
         evaluate(workload._model(weights), workload.x_test, workload.y_test)[1]["loss"]
     )
+
+
+def test_proximal_term_keeps_the_weights_closer_to_the_global_model():
+    """FedProx: with mu > 0 the trained weights end nearer the start than without; mu = 0 is plain SGD."""
+    x, _, y, _ = load_digits_split()
+    x, y = x[:300], y[:300]
+    start = make_model(0).state_dict()
+
+    def distance(mu: float) -> tuple[float, dict[str, torch.Tensor]]:
+        model = make_model(0)
+        train_one_round(model, x, y, round=1, client=0, epochs=3, lr=0.1, mu=mu)
+        state = model.state_dict()
+        return sum(float(torch.sum((state[k] - start[k]) ** 2)) for k in start) ** 0.5, state
+
+    plain, plain_state = distance(0.0)
+    default = make_model(0)
+    train_one_round(default, x, y, round=1, client=0, epochs=3, lr=0.1)
+    assert all(torch.equal(plain_state[k], v) for k, v in default.state_dict().items())
+    near, _ = distance(1.0)
+    nearer, _ = distance(5.0)
+    assert nearer < near < plain
+
+
+def test_fit_reads_mu_from_the_round_config():
+    """The workload's fit applies the proximal term when the round's config carries a mu."""
+    workload = DemoWorkload.create(3, seed=0)
+    start = workload.initial_weights()
+    plain, _, _ = workload.fit_fn(0, epochs=2, lr=0.1)(start, {"round": 1, "mu": 0.0})
+    prox, _, _ = workload.fit_fn(0, epochs=2, lr=0.1)(start, {"round": 1, "mu": 5.0})
+
+    def moved(weights: dict[str, torch.Tensor]) -> float:
+        return sum(float(torch.sum((weights[k] - start[k]) ** 2)) for k in start)
+
+    assert moved(prox) < moved(plain)
