@@ -14,9 +14,12 @@ from services.aggregator.methods.base import (
     TooFewUpdates,
     UpdateMismatch,
 )
+from services.aggregator.methods.coordinate import Median, TrimmedMean
 from services.aggregator.methods.dp import DPFedAvg
+from services.aggregator.methods.ensemble import Ensemble
 from services.aggregator.methods.fedavg import FedAvg, FedProx
 from services.aggregator.methods.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
+from services.aggregator.methods.krum import Bulyan, Krum, MultiKrum
 from services.aggregator.methods.linear import LinearMethod, Partial
 from services.aggregator.methods.swag import Swag
 from shared.aggregation import AggregationMethod
@@ -30,6 +33,12 @@ _CLASSES: tuple[type[Method], ...] = (
     FedAdagrad,
     DPFedAvg,
     Swag,
+    Median,
+    TrimmedMean,
+    Krum,
+    MultiKrum,
+    Bulyan,
+    Ensemble,
 )
 
 METHODS: Mapping[AggregationMethod, type[Method]] = MappingProxyType({cls.name: cls for cls in _CLASSES})
@@ -38,7 +47,9 @@ METHODS: Mapping[AggregationMethod, type[Method]] = MappingProxyType({cls.name: 
 __all__ = [
     "METHODS",
     "Aggregate",
+    "Bulyan",
     "DPFedAvg",
+    "Ensemble",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -46,13 +57,17 @@ __all__ = [
     "FedProx",
     "FedYogi",
     "InvalidWeight",
+    "Krum",
     "LinearMethod",
+    "Median",
     "Method",
+    "MultiKrum",
     "NothingToAggregate",
     "Partial",
     "RoundContext",
     "ServerOptimizer",
     "Swag",
     "TooFewUpdates",
+    "TrimmedMean",
     "UpdateMismatch",
 ]
