@@ -554,3 +554,22 @@ async def test_an_update_over_the_norm_bound_is_rejected(runtime, aggregator, ou
     assert done.rejected == (big.update_id,)
     reason = (await rejected_reasons(runtime, r.training_id))[big.update_id] or ""
     assert "exceeds max_update_norm 100" in reason
+
+
+async def test_a_redelivered_job_with_members_and_a_rejection_has_one_effect(
+    runtime, aggregator, outcomes, monkeypatch
+):
+    """The same ensemble job twice (new envelopes): one model, its members and its rejection once."""
+    monkeypatch.setattr(pipeline, "METHODS", {**pipeline.METHODS, AggregationMethod.ENSEMBLE: KeepAll})
+    r = await seed_round(runtime, delete_updates_after=False)
+    bad = r.job.updates[0]
+    await runtime.blobs.delete(bad.blob_key)
+    await runtime.blobs.put(bad.blob_key, _nan_update(r.updates[0]))
+    job = replace(r.job, method="ensemble")
+    await runtime.bus.publish([envelope_for(job), envelope_for(job)])
+    await settle(runtime, outcomes)
+    assert [m.rejected for m in outcomes.aggregated] == [(bad.update_id,)]
+    assert await count_models(runtime, r.training_id) == 1
+    async with runtime.uow() as uow:
+        members = (await uow.session.scalars(select(ModelMember.update_id))).all()
+    assert sorted(map(str, members)) == sorted(str(ref.update_id) for ref in r.job.updates[1:])
