@@ -31,9 +31,21 @@ imports: $(STAMP)
 
 check: test
 
-bench: $(STAMP)
+# Flower (bench/aggregate.py's comparison) pins older fastapi/rich/typer than ours: its own venv.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/upload_memory.py --mb 500
 	$(BIN)/python bench/e2e.py --json bench-e2e.json
+	$(BENCH_VENV)/bin/python bench/aggregate.py --json bench-aggregate.json
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

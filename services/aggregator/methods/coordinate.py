@@ -52,6 +52,7 @@ import functools
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import torch
@@ -310,19 +311,53 @@ def coordinate_reduce(
         flat_out = {name: out[name].view(-1) for name in group}
         flat_in = [{name: u[name].reshape(-1) for name in group} for u in updates]
         length = chunk_length(k, device, total)
-        buffer = torch.empty((k + 1, length), dtype=dtype, device=device)
-        result = torch.empty(length, dtype=dtype, device=device)
-        for pieces, size in plan_chunks(sizes, length):
-            rows = [buffer[i, :size] for i in range(k)]
-            spare = buffer[k, :size]
-            for row, flat in zip(rows, flat_in, strict=True):
-                for name, start, stop, offset in pieces:
-                    row[offset : offset + stop - start].copy_(flat[name][start:stop])
-            chunk_result = result[:size]
-            reducer(rows, spare, chunk_result)
-            for name, start, stop, offset in pieces:
-                flat_out[name][start:stop].copy_(chunk_result[offset : offset + stop - start])
+        chunks = list(plan_chunks(sizes, length))
+        work = functools.partial(
+            _reduce_chunks,
+            flat_in=flat_in,
+            flat_out=flat_out,
+            shape=(k + 1, length),
+            dtype=dtype,
+            device=device,
+            reducer=reducer,
+        )
+        workers = min(len(chunks), torch.get_num_threads()) if device.type == "cpu" else 1
+        if workers <= 1:
+            work(chunks)
+            continue
+        # Each chunk's ops are small enough for torch to run them on one core, so a worker per
+        # core (own buffer, disjoint output slices) keeps every core busy; the GIL is released
+        # inside each kernel.
+        per = -(-len(chunks) // workers)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coordinate") as pool:
+            for done in [pool.submit(work, chunks[i : i + per]) for i in range(0, len(chunks), per)]:
+                done.result()
     return out
+
+
+def _reduce_chunks(
+    part: Sequence[tuple[list[Piece], int]],
+    *,
+    flat_in: Sequence[Mapping[str, torch.Tensor]],
+    flat_out: Mapping[str, torch.Tensor],
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    reducer: RowReducer,
+) -> None:
+    """Reduce the chunks `part` through one buffer of `shape` (K + 1 rows), writing into `flat_out`."""
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    result = torch.empty(shape[1], dtype=dtype, device=device)
+    k = shape[0] - 1
+    for pieces, size in part:
+        rows = [buffer[i, :size] for i in range(k)]
+        for row, flat in zip(rows, flat_in, strict=True):
+            for name, start, stop, offset in pieces:
+                row[offset : offset + stop - start].copy_(flat[name][start:stop])
+        chunk_result = result[:size]
+        reducer(rows, buffer[k, :size], chunk_result)
+        for name, start, stop, offset in pieces:
+            flat_out[name][start:stop].copy_(chunk_result[offset : offset + stop - start])
 
 
 def trim_count(beta: float, k: int) -> int:
