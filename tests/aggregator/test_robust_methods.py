@@ -29,6 +29,7 @@ from services.aggregator.methods import (
     TooFewUpdates,
     TrimmedMean,
     UpdateMismatch,
+    coordinate,
 )
 from services.aggregator.methods.coordinate import plan_chunks, sort_rows, sorting_network
 from services.aggregator.methods.krum import pairwise_sq_distances
@@ -306,9 +307,11 @@ def test_trimmed_mean_reads_beta_as_its_decimal() -> None:
     np.testing.assert_allclose(f64(out.model["x"]), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("network_max_rows", [4096, 64])
 @pytest.mark.parametrize("cls", [Median, TrimmedMean])
-def test_coordinatewise_many_updates_use_the_sort_fallback(cls: type[Method]) -> None:
-    """Above the network's limit (300 updates) the result still matches numpy."""
+def test_coordinatewise_many_updates(cls: type[Method], network_max_rows: int, monkeypatch) -> None:
+    """300 updates match numpy, through the sorting network and through the torch.sort fallback."""
+    monkeypatch.setattr(coordinate, "_NETWORK_MAX_ROWS", network_max_rows)
     gen = torch.Generator().manual_seed(5)
     updates = [{"x": torch.randn(33, generator=gen)} for _ in range(300)]
     params: MethodParams = MedianParams() if cls is Median else TrimmedMeanParams(beta=0.2)
