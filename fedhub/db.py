@@ -34,6 +34,7 @@ log = structlog.get_logger(component="db")
 def target_metadata() -> list[MetaData]:
     """Every table fedhub declares: the shared ones, each service's own, and the blob store's."""
     # Imported here, not at module level: importing them registers their tables on Base.
+    import services.aggregator.models
     import services.notifier.models  # noqa: F401
     import shared.db.models  # noqa: F401
     from shared.blobs import postgres

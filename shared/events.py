@@ -113,6 +113,33 @@ class AggregateRound(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AggregatePart(Command):
+    """Compute one part of a round split across aggregators; consumed by the aggregator (a work queue).
+
+    `round_job` is the round's job; for a batch of a linear method its `updates` are the batch's,
+    for a shard of a coordinate-wise method they are all of them and `tensors` names the shard.
+    """
+
+    routing_key: ClassVar[str] = "job.aggregate_part"
+    round_job: AggregateRound
+    part: int
+    parts: int
+    tensors: tuple[str, ...] = ()
+    """The tensor names this part computes (a shard); empty for a batch (every tensor)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CombineParts(Command):
+    """Every part of a split round is done: combine them into the round's model (aggregator)."""
+
+    routing_key: ClassVar[str] = "job.combine_parts"
+    job_id: UUID
+    training_id: UUID
+    round: int
+    parts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelAggregated(Event):
     """A round's new global model is stored; `model_id` names its row, `blob_key` its bytes."""
 

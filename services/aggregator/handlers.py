@@ -12,6 +12,15 @@ or will be. This also makes a redelivery of the same message cheap (the consumer
 after the handler). Two deliveries racing past that check cannot both commit: the second insert
 fails on the primary key, its transaction rolls back, and its retry finds the row.
 
+Across pods: with `batch_size` set, a round with more updates becomes parts on the work queue
+(`services.aggregator.split`): the `AggregateRound` handler writes the plan row and emits one
+`AggregatePart` per part (message ids derived from (training, round, part)); each part handler
+computes its batch's `Partial` or its shard's tensors, stores them under a key of its own, and in
+one transaction inserts its part row and increments the plan's counter (a row lock on PostgreSQL);
+the part that completes the count emits `CombineParts`, whose handler merges the parts and records
+the round as a single job would. A part done twice has one effect (its row's primary key); a
+worker dying mid-part leaves no row, so the redelivery does it.
+
 The handler touches the database only for that check (a read) and at the end, so the long part
 holds no write lock (SQLite). Failures: a single update that cannot be used (missing or undecodable
 blob, wrong tensors, non-finite values, too large a norm) is rejected and left out; what no retry
@@ -33,19 +42,42 @@ import structlog
 import torch
 from sqlalchemy import select, update
 
-from services.aggregator.pipeline import JobRejected, Rejection, RoundOutcome, aggregate_round
+from services.aggregator.methods import METHODS, Aggregate, Partial
+from services.aggregator.models import AggregationPart, AggregationPlan
+from services.aggregator.pipeline import (
+    JobRejected,
+    Rejection,
+    RoundOutcome,
+    aggregate_round,
+    decode_state_dict,
+    feed,
+    job_spec,
+    open_round,
+    read_blob,
+)
 from services.aggregator.settings import AggregatorSettings, resolve_device
+from services.aggregator.split import Split, plan_split
 from shared.blobs import BlobStore, content_key
-from shared.codec import encode_tensors
+from shared.codec import decode_message, encode_message, encode_tensors
 from shared.db.models import ClientUpdate, Model, ModelMember, Training
 from shared.db.uow import UnitOfWork
-from shared.events import AggregateRound, AggregationFailed, Message, ModelAggregated, UpdateRef, utcnow
+from shared.events import (
+    AggregatePart,
+    AggregateRound,
+    AggregationFailed,
+    CombineParts,
+    Message,
+    ModelAggregated,
+    UpdateRef,
+    utcnow,
+)
 from shared.messaging import Handler
 from shared.tensors import state_dict_to_records
 
 log = structlog.get_logger(component="aggregator")
 
 _ROUND_MODEL_NAMESPACE = UUID("6f1d8a52-3c0e-4f4b-9a57-2b8e64c1d0a9")
+_PART_NAMESPACE = UUID("1c0f3e8a-7b52-4d8e-9a1e-5f2b6c3d4e71")
 
 
 def round_model_id(training_id: UUID, round_number: int) -> UUID:
@@ -53,7 +85,18 @@ def round_model_id(training_id: UUID, round_number: int) -> UUID:
     return uuid5(_ROUND_MODEL_NAMESPACE, f"{training_id}/{round_number}")
 
 
-__all__ = ["JobRejected", "build_handlers", "round_model_id"]
+__all__ = ["JobRejected", "build_handlers", "part_key", "part_message_id", "round_model_id"]
+
+
+def part_message_id(training_id: UUID, round_number: int, part: int | None) -> UUID:
+    """The message id of a split round's part (`part`) or of its combine job (None): one per round."""
+    suffix = "combine" if part is None else f"part/{part}"
+    return uuid5(_PART_NAMESPACE, f"{training_id}/{round_number}/{suffix}")
+
+
+def part_key(training_id: UUID, round_number: int, part: int) -> str:
+    """The blob key of a part's result: its own, so a part done twice writes the same key."""
+    return f"part/{training_id}.{round_number}.{part}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,30 +138,233 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
     device = resolve_device(settings.device)
 
     async def on_aggregate_round(job: AggregateRound, uow: UnitOfWork) -> None:
-        """Aggregate the job's updates into a new global model, store it, and announce it."""
+        """Aggregate the job's updates into a new global model, store it and announce it (or split it)."""
         with structlog.contextvars.bound_contextvars(
             job_id=str(job.job_id), training_id=str(job.training_id), round=job.round
         ):
-            existing = await uow.session.scalar(
-                select(Model.id).where(Model.training_id == job.training_id, Model.round == job.round)
-            )
-            if existing is not None:
-                log.info("aggregation.already_done", model_id=str(existing))
+            if await _round_model(uow, job.training_id, job.round) is not None:
+                return
+            split = await _split(job, uow, settings)
+            if split is not None:
+                await _plan(job, split, uow)
                 return
             try:
                 outcome = await aggregate_round(job, blobs, device)
             except JobRejected as exc:
-                log.warning("aggregation.failed", reason=exc.detail)
-                await mark_rejected(uow, exc.rejected)
-                uow.emit(
-                    AggregationFailed(
-                        job_id=job.job_id, training_id=job.training_id, round=job.round, reason=exc.detail
-                    )
-                )
+                await _fail(uow, job, exc)
                 return
             await record_round(job, outcome, blobs, uow)
 
-    return {AggregateRound: on_aggregate_round}
+    async def on_aggregate_part(part: AggregatePart, uow: UnitOfWork) -> None:
+        """Compute one part of a split round, record it, and emit the combine job after the last part."""
+        job = part.round_job
+        with structlog.contextvars.bound_contextvars(
+            job_id=str(job.job_id), training_id=str(job.training_id), round=job.round, part=part.part
+        ):
+            if await _round_model(uow, job.training_id, job.round) is not None:
+                return
+            if await uow.session.get(AggregationPlan, (job.training_id, job.round)) is None:
+                log.warning("aggregation.part_without_plan")
+                return
+            if await uow.session.get(AggregationPart, (job.training_id, job.round, part.part)) is not None:
+                log.info("aggregation.part_already_done")
+                return
+            row = await _compute_part(part, blobs, device)
+            uow.session.add(row)
+            await uow.session.flush()
+            done, total = (
+                await uow.session.execute(
+                    update(AggregationPlan)
+                    .where(AggregationPlan.training_id == job.training_id, AggregationPlan.round == job.round)
+                    .values(parts_done=AggregationPlan.parts_done + 1)
+                    .returning(AggregationPlan.parts_done, AggregationPlan.parts_total)
+                    .execution_options(synchronize_session=False)
+                )
+            ).one()
+            log.info("aggregation.part_done", parts_done=done, parts=total, failure=row.failure)
+            if done == total:
+                uow.emit(
+                    CombineParts(
+                        job_id=job.job_id, training_id=job.training_id, round=job.round, parts=total
+                    ),
+                    message_id=part_message_id(job.training_id, job.round, None),
+                )
+
+    async def on_combine_parts(command: CombineParts, uow: UnitOfWork) -> None:
+        """Merge a split round's parts into its model and record it as a single job would."""
+        with structlog.contextvars.bound_contextvars(
+            job_id=str(command.job_id), training_id=str(command.training_id), round=command.round
+        ):
+            if await _round_model(uow, command.training_id, command.round) is not None:
+                return
+            plan = await uow.session.get(AggregationPlan, (command.training_id, command.round))
+            if plan is None:
+                log.warning("aggregation.combine_without_plan")
+                return
+            job = decode_message(AggregateRound, plan.job)
+            assert isinstance(job, AggregateRound)  # written by on_aggregate_round
+            parts = (
+                await uow.session.scalars(
+                    select(AggregationPart)
+                    .where(AggregationPart.training_id == job.training_id, AggregationPart.round == job.round)
+                    .order_by(AggregationPart.part)
+                )
+            ).all()
+            keys = [p.blob_key for p in parts if p.blob_key is not None]
+            uow.after_commit(functools.partial(_delete_blobs, blobs, keys))
+            try:
+                outcome = await _combine(job, plan.kind, parts, blobs, device)
+            except JobRejected as exc:
+                await _fail(uow, job, exc)
+                return
+            await record_round(job, outcome, blobs, uow)
+
+    return {
+        AggregateRound: on_aggregate_round,
+        AggregatePart: on_aggregate_part,
+        CombineParts: on_combine_parts,
+    }
+
+
+async def _round_model(uow: UnitOfWork, training_id: UUID, round_number: int) -> UUID | None:
+    """The round's model id when it is recorded already (the job then has nothing left to do)."""
+    existing = await uow.session.scalar(
+        select(Model.id).where(Model.training_id == training_id, Model.round == round_number)
+    )
+    if existing is not None:
+        log.info("aggregation.already_done", model_id=str(existing))
+    return existing
+
+
+async def _fail(uow: UnitOfWork, job: AggregateRound, exc: JobRejected) -> None:
+    log.warning("aggregation.failed", reason=exc.detail)
+    await mark_rejected(uow, exc.rejected)
+    uow.emit(
+        AggregationFailed(job_id=job.job_id, training_id=job.training_id, round=job.round, reason=exc.detail)
+    )
+
+
+async def _split(job: AggregateRound, uow: UnitOfWork, settings: AggregatorSettings) -> Split | None:
+    """How the round splits under the settings, or None for one job (a bad job fails as one job)."""
+    if settings.batch_size is None or len(job.updates) <= settings.batch_size:
+        return None
+    try:
+        spec = job_spec(job)
+    except JobRejected:
+        return None
+    method_cls = METHODS.get(spec.method)
+    if method_cls is None:
+        return None
+    base_spec = None
+    if method_cls.shardable:
+        base = await uow.session.get(Model, job.base_model_id)
+        if base is not None:
+            base_spec = {name: list(shape) for name, (_, shape) in base.spec.items()}
+    return plan_split(
+        job, method_cls, spec, base_spec, batch_size=settings.batch_size, shards=settings.shards
+    )
+
+
+async def _plan(job: AggregateRound, split: Split, uow: UnitOfWork) -> None:
+    """Record the plan and emit its parts, in one transaction (a second plan fails on the key)."""
+    if await uow.session.get(AggregationPlan, (job.training_id, job.round)) is not None:
+        log.info("aggregation.already_split")
+        return
+    uow.session.add(
+        AggregationPlan(
+            training_id=job.training_id,
+            round=job.round,
+            job_id=job.job_id,
+            job=encode_message(job),
+            kind=split.kind,
+            parts_total=len(split.parts),
+            parts_done=0,
+        )
+    )
+    for part in split.parts:
+        uow.emit(part, message_id=part_message_id(job.training_id, job.round, part.part))
+    log.info("aggregation.split", kind=split.kind, parts=len(split.parts), num_updates=len(job.updates))
+
+
+async def _compute_part(part: AggregatePart, blobs: BlobStore, device: torch.device) -> AggregationPart:
+    """Run one part and store its result; its row (not yet added) says what it took, left out or failed."""
+    job = part.round_job
+    row = AggregationPart(training_id=job.training_id, round=job.round, part=part.part, record={})
+    try:
+        pipeline = await open_round(job, blobs, device, tensors=part.tensors or None)
+    except JobRejected as exc:
+        row.failure, row.accepted, row.rejected = exc.detail, [], []
+        return row
+    await feed(pipeline, job.updates, blobs)
+    try:
+        if part.tensors:
+            shard = await asyncio.to_thread(pipeline.shard_result)
+            tensors = {f"model/{k}": v for k, v in shard.model.items()}
+            tensors.update({f"state/{k}": v for k, v in shard.state.items()})
+            row.record = shard.record
+        else:
+            tensors = (await asyncio.to_thread(pipeline.partial)).to_tensors()
+    except JobRejected as exc:
+        row.failure = exc.detail
+    else:
+        key = part_key(job.training_id, job.round, part.part)
+        data = await asyncio.to_thread(_encode, tensors)
+        await blobs.put(key, data[0])
+        row.blob_key = key
+    row.accepted = [str(r.update_id) for r in pipeline.accepted]
+    row.rejected = [[str(r.ref.update_id), r.reason] for r in pipeline.rejected]
+    return row
+
+
+async def _combine(
+    job: AggregateRound, kind: str, parts: Sequence[AggregationPart], blobs: BlobStore, device: torch.device
+) -> RoundOutcome:
+    """The round's outcome from its parts; `JobRejected` when a part failed or nothing was accepted."""
+    refs = {str(r.update_id): r for r in job.updates}
+    rejected: dict[str, Rejection] = {}
+    for p in parts:
+        for update_id, reason in p.rejected:
+            rejected.setdefault(update_id, Rejection(refs[update_id], reason))
+    failed = next((p for p in parts if p.failure is not None), None)
+    if failed is not None:
+        raise JobRejected(f"part {failed.part}: {failed.failure}", list(rejected.values()))
+    pipeline = await open_round(job, blobs, device)
+    if kind == "batches":
+        for p in parts:
+            assert p.blob_key is not None  # a part without failure stored its result
+            tensors = decode_state_dict(
+                await read_blob(blobs, p.blob_key, f"part {p.part}"), f"part {p.part}"
+            )
+            batch_rejected = [Rejection(refs[u], reason) for u, reason in p.rejected]
+            await asyncio.to_thread(
+                pipeline.merge_batch,
+                Partial.from_tensors(tensors),
+                [refs[u] for u in p.accepted],
+                batch_rejected,
+            )
+        return await asyncio.to_thread(pipeline.finish)
+    shards = []
+    for p in parts:
+        assert p.blob_key is not None
+        tensors = decode_state_dict(await read_blob(blobs, p.blob_key, f"part {p.part}"), f"part {p.part}")
+        shards.append(
+            Aggregate(
+                model={k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")},
+                state={k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")},
+                record=dict(p.record or {}),
+            )
+        )
+    accepted = [refs[u] for u in parts[0].accepted]
+    return await asyncio.to_thread(pipeline.finish_shards, shards, accepted, list(rejected.values()))
+
+
+async def _read_part(blobs: BlobStore, part: AggregationPart) -> dict[str, torch.Tensor]:
+    """A finished part's stored result."""
+    if part.blob_key is None:
+        raise JobRejected(f"part {part.part} stored no result")
+    what = f"part {part.part}"
+    data = await read_blob(blobs, part.blob_key, what)
+    return await asyncio.to_thread(decode_state_dict, data, what)
 
 
 async def store(outcome: RoundOutcome, blobs: BlobStore) -> _Stored:

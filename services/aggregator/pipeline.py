@@ -13,8 +13,14 @@ the CPU work (run in a thread):
    delta is ``w xor base``). With `max_update_norm`, the L2 norm of the delta over the floating
    tensors (in float64) must not exceed it. An update failing any of this is *rejected* with its
    reason: it is left out and the round goes on.
-3. The method's result gets the excluded tensors back from the base, in the base's order (its
-   ensemble members too).
+3. Accepted updates go to the method on its device (`DeviceTransfer`: pinned, overlapped copies
+   on CUDA). The method's result gets the excluded tensors back from the base, in the base's order
+   (its ensemble members too).
+
+A round split across jobs (`services.aggregator.split`) uses the same pipeline per part: a batch of
+a linear method ends in `partial()`, a shard of a coordinate-wise method (built with `tensors`)
+validates whole updates but feeds the method its tensors only; the combine job merges batches with
+`merge_batch` then `finish()`, or puts shards together with `finish_shards`.
 
 What no retry can fix (an unknown method, a bad spec, a missing or undecodable base model, no
 update accepted, a method refusing the round) raises `JobRejected`; anything else (the blob store
@@ -28,14 +34,24 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import structlog
 import torch
 from pydantic import ValidationError
 
-from services.aggregator.methods import METHODS, Aggregate, Method, NothingToAggregate, RoundContext
+from services.aggregator.methods import (
+    METHODS,
+    Aggregate,
+    LinearMethod,
+    Method,
+    NothingToAggregate,
+    Partial,
+    RoundContext,
+)
 from services.aggregator.methods.base import InvalidWeight, TooFewUpdates, UpdateMismatch
+from services.aggregator.transfer import DeviceTransfer
 from shared.aggregation import AggregationMethod, AggregationSpec, UpdateKind
 from shared.blobs import BlobStore
 from shared.blobs.base import BlobNotFound
@@ -146,6 +162,7 @@ class RoundPipeline:
         seed: int,
         state: Mapping[str, torch.Tensor] | None = None,
         method_cls: type[Method] | None = None,
+        tensors: Sequence[str] | None = None,
     ) -> None:
         cls = method_cls if method_cls is not None else METHODS.get(spec.method)
         if cls is None:
@@ -157,8 +174,17 @@ class RoundPipeline:
         self._kept = {name: t for name, t in base.items() if name not in self._excluded}
         if not self._kept:
             raise JobRejected(f"exclude_vars {spec.exclude_vars!r} matches every tensor of the base model")
-        ctx = RoundContext(base=self._kept, device=device, state=dict(state or {}), seed=seed)
+        # A shard of a coordinate-wise round: updates are validated whole, the method sees its tensors.
+        self._computed = list(self._kept) if tensors is None else list(tensors)
+        unknown = [name for name in self._computed if name not in self._kept]
+        if unknown:
+            raise JobRejected(f"the shard names tensors the round does not aggregate: {', '.join(unknown)}")
+        computed = {name: self._kept[name] for name in self._computed}
+        ctx = RoundContext(base=computed, device=device, state=dict(state or {}), seed=seed)
         self.method = cls(ctx, spec.typed_params())
+        # Validation runs on the CPU over the decoded bytes; the method gets its tensors on the device
+        # (pinned, overlapped copies on CUDA; the same tensors on the CPU).
+        self._transfer = DeviceTransfer(device)
         self.accepted: list[UpdateRef] = []
         self.rejected: list[Rejection] = []
 
@@ -171,7 +197,8 @@ class RoundPipeline:
             if data is None:
                 raise UpdateRejected(f"blob {ref.blob_key!r} does not exist")
             update = self.prepare(decode_tensors(data))
-            self.method.add(update, float(ref.num_examples))
+            moved = self._transfer.to_device({name: update[name] for name in self._computed})
+            self.method.add(moved, float(ref.num_examples))
         except (UpdateRejected, UpdateMismatch, InvalidWeight) as exc:
             reason = exc.detail if isinstance(exc, UpdateRejected) else f"{exc.name}: {exc.detail}"
             return self._reject(ref, reason)
@@ -220,21 +247,53 @@ class RoundPipeline:
 
     def finish(self) -> RoundOutcome:
         """The round's outcome; `JobRejected` when nothing was accepted or the method refuses."""
-        if not self.accepted:
-            reasons = "; ".join(f"update {r.ref.update_id}: {r.reason}" for r in self.rejected)
-            raise JobRejected(
-                f"no update could be aggregated ({reasons or 'the job lists none'})", self.rejected
-            )
-        try:
-            aggregate = self.method.result()
-        except (NothingToAggregate, TooFewUpdates) as exc:
-            raise JobRejected(f"{exc.name}: {exc.detail}", self.rejected) from exc
+        aggregate = self._result()
         outcome = Aggregate(
             model=self._complete(aggregate.model, "model"),
             state=aggregate.state,
             members=[self._complete(m, f"member {i}") for i, m in enumerate(aggregate.members)],
             record=aggregate.record,
         )
+        return RoundOutcome(outcome, tuple(self.accepted), tuple(self.rejected))
+
+    def partial(self) -> Partial:
+        """A batch's contribution to a linear method, for `merge_batch` elsewhere (ends this pipeline)."""
+        if not isinstance(self.method, LinearMethod):
+            raise TypeError(
+                f"{type(self.method).__name__} is not a linear method: its rounds are not batched"
+            )
+        return self.method.partial()
+
+    def shard_result(self) -> Aggregate:
+        """A shard's outcome: the method's aggregate over the shard's tensors (not completed)."""
+        return self._result()
+
+    def merge_batch(
+        self, partial: Partial, accepted: Sequence[UpdateRef], rejected: Sequence[Rejection]
+    ) -> None:
+        """Fold another batch's partial in, with the updates that batch took and left out."""
+        if not isinstance(self.method, LinearMethod):
+            raise TypeError(f"{type(self.method).__name__} is not a linear method: it merges no batches")
+        try:
+            self.method.merge(partial)
+        except (UpdateMismatch, InvalidWeight, ValueError) as exc:
+            raise JobRejected(f"a batch's partial does not fit the round: {exc}") from exc
+        self.accepted.extend(accepted)
+        self.rejected.extend(rejected)
+
+    def finish_shards(
+        self, shards: Sequence[Aggregate], accepted: Sequence[UpdateRef], rejected: Sequence[Rejection]
+    ) -> RoundOutcome:
+        """The round's outcome from its shards' aggregates (each over its own tensors)."""
+        model: dict[str, torch.Tensor] = {}
+        state: dict[str, torch.Tensor] = {}
+        record: dict[str, Any] = {}
+        for shard in shards:
+            model.update(shard.model)
+            state.update(shard.state)
+            record.update(shard.record)
+        self.accepted, self.rejected = list(accepted), list(rejected)
+        outcome = Aggregate(model=self._complete(model, "model"), state=state, record=record)
         return RoundOutcome(outcome, tuple(self.accepted), tuple(self.rejected))
 
     def _check_norm(self, tensors: Mapping[str, torch.Tensor], *, delta: bool) -> None:
@@ -252,6 +311,17 @@ class RoundPipeline:
         norm = math.sqrt(total)
         if not norm <= bound:
             raise UpdateRejected(f"update norm {norm:.6g} exceeds max_update_norm {bound:g}")
+
+    def _result(self) -> Aggregate:
+        if not self.accepted:
+            reasons = "; ".join(f"update {r.ref.update_id}: {r.reason}" for r in self.rejected)
+            raise JobRejected(
+                f"no update could be aggregated ({reasons or 'the job lists none'})", self.rejected
+            )
+        try:
+            return self.method.result()
+        except (NothingToAggregate, TooFewUpdates) as exc:
+            raise JobRejected(f"{exc.name}: {exc.detail}", self.rejected) from exc
 
     def _complete(self, tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
         """`tensors` (the kept ones) plus the excluded ones from the base, in the base's order."""
@@ -298,8 +368,13 @@ async def read_update(blobs: BlobStore, ref: UpdateRef) -> bytes | None:
         return None
 
 
-async def open_round(job: AggregateRound, blobs: BlobStore, device: torch.device) -> RoundPipeline:
-    """Read and decode the job's base model and state and build its pipeline (off the event loop)."""
+async def open_round(
+    job: AggregateRound, blobs: BlobStore, device: torch.device, tensors: Sequence[str] | None = None
+) -> RoundPipeline:
+    """Read and decode the job's base model and state and build its pipeline (off the event loop).
+
+    `tensors`: the shard this pipeline computes (None: every tensor the round aggregates).
+    """
     spec = job_spec(job)
     base_bytes = await read_blob(blobs, job.base_blob_key, f"base model {job.base_model_id}")
     base = await asyncio.to_thread(decode_state_dict, base_bytes, f"base model {job.base_model_id}")
@@ -317,6 +392,7 @@ async def open_round(job: AggregateRound, blobs: BlobStore, device: torch.device
         device=device,
         seed=round_seed(job.training_id, job.round),
         state=state,
+        tensors=tensors,
     )
 
 

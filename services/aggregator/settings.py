@@ -17,7 +17,8 @@ class DeviceUnavailable(FedhubError):
 
 
 class AggregatorSettings(CommonSettings):
-    """`FEDHUB_*` shared settings plus `FEDHUB_AGGREGATOR_DEVICE`, `_PREFETCH` and `_TORCH_THREADS`."""
+    """`FEDHUB_*` shared settings plus `FEDHUB_AGGREGATOR_DEVICE`, `_PREFETCH`, `_TORCH_THREADS`,
+    `_BATCH_SIZE` and `_SHARDS`."""
 
     # The aggregator's own fields read FEDHUB_AGGREGATOR_*: in embedded mode one environment
     # configures every service, and a service-specific name says whose `prefetch` it is.
@@ -41,6 +42,22 @@ class AggregatorSettings(CommonSettings):
         ge=1,
         validation_alias="FEDHUB_AGGREGATOR_TORCH_THREADS",
         description="torch intra-op threads; unset leaves torch's default",
+    )
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias="FEDHUB_AGGREGATOR_BATCH_SIZE",
+        description=(
+            "split a round with more updates than this into parts on the work queue: batches of this "
+            "many updates (linear methods) or shards of tensors (coordinate-wise methods); unset: "
+            "one job per round"
+        ),
+    )
+    shards: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias="FEDHUB_AGGREGATOR_SHARDS",
+        description="shards of a split coordinate-wise round; unset: as many as batches would be",
     )
     health_host: str = Field(
         default="0.0.0.0",

@@ -32,9 +32,12 @@ def test_settings_read_their_own_environment_names(monkeypatch):
     monkeypatch.setenv("FEDHUB_AGGREGATOR_DEVICE", "cpu")
     monkeypatch.setenv("FEDHUB_AGGREGATOR_PREFETCH", "3")
     monkeypatch.setenv("FEDHUB_AGGREGATOR_TORCH_THREADS", "2")
+    monkeypatch.setenv("FEDHUB_AGGREGATOR_BATCH_SIZE", "16")
+    monkeypatch.setenv("FEDHUB_AGGREGATOR_SHARDS", "4")
     monkeypatch.setenv("FEDHUB_DATABASE_URL", "sqlite+aiosqlite:///x.db")
     settings = AggregatorSettings()
     assert (settings.device, settings.prefetch, settings.torch_threads) == ("cpu", 3, 2)
+    assert (settings.batch_size, settings.shards) == (16, 4)
     assert settings.database_url == "sqlite+aiosqlite:///x.db"
     assert AggregatorSettings(device="cuda", prefetch=4).prefetch == 4
 

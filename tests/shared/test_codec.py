@@ -63,6 +63,22 @@ SAMPLES: dict[type[Message], Message] = {
         max_update_norm=12.5,
         base_state_blob_key="sha256/" + "ef" * 32,
     ),
+    events.AggregatePart: events.AggregatePart(
+        round_job=events.AggregateRound(
+            job_id=uuid4(),
+            training_id=_T,
+            round=2,
+            method="median",
+            base_model_id=uuid4(),
+            base_blob_key="sha256/" + "ab" * 32,
+            updates=(events.UpdateRef(update_id=_U, client_id=_C, blob_key=f"update/{_U}", num_examples=7),),
+            exclude_vars="^bn",
+        ),
+        part=1,
+        parts=3,
+        tensors=("fc.weight", "fc.bias"),
+    ),
+    events.CombineParts: events.CombineParts(job_id=uuid4(), training_id=_T, round=2, parts=3),
     events.ModelAggregated: events.ModelAggregated(
         job_id=uuid4(),
         training_id=_T,
