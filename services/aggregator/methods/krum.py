@@ -105,12 +105,11 @@ def krum_scores(dist: torch.Tensor, members: Sequence[int], f: int) -> dict[int,
     if r == 1:
         return {members[0]: 0.0}
     closest = min(r - 1, max(1, r - f - 2))
-    sub = dist[list(members)][:, list(members)]
-    scores: dict[int, float] = {}
-    for row, member in enumerate(members):
-        others = torch.cat([sub[row, :row], sub[row, row + 1 :]])
-        scores[member] = float(torch.sort(others).values[:closest].sum())
-    return scores
+    index = torch.tensor(list(members))
+    sub = dist[index][:, index]
+    sub.fill_diagonal_(float("inf"))
+    sums = torch.sort(sub, dim=1).values[:, :closest].sum(dim=1)
+    return dict(zip(members, sums.tolist(), strict=True))
 
 
 def lowest(scores: Mapping[int, float], count: int) -> list[int]:
