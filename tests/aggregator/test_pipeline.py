@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.aggregator.pipeline import JobRejected, RoundPipeline, job_spec, round_seed
+from services.aggregator.pipeline import JobRejected, RoundPipeline, job_spec, round_seed, update_views
 from shared.aggregation import AggregationMethod, AggregationSpec
-from shared.codec import encode_tensors
+from shared.codec import decode_tensors, encode_tensors
 from shared.events import AggregateRound, UpdateRef
 from shared.tensors import state_dict_to_records
 from tests.aggregator.fakes import KeepAll
@@ -257,3 +257,14 @@ def test_job_spec_reads_the_job_and_refuses_a_bad_one():
         job_spec(replace(job, exclude_vars="("))
     with pytest.raises(JobRejected, match="unknown aggregation method 'nope'"):
         job_spec(replace(job, method="nope"))
+
+
+def test_update_tensors_are_views_of_the_decoded_bytes(gen):
+    """Decoding an update copies nothing: each tensor points into the bytes msgpack handed back."""
+    state = model(gen)
+    records = decode_tensors(encode(state))
+    views = update_views(records)
+    for r in records:
+        tensor = views[r.name]
+        assert tensor.data_ptr() == np.frombuffer(r.data, dtype=np.uint8).ctypes.data
+        assert torch.equal(tensor, state[r.name])
