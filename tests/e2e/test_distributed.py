@@ -374,8 +374,7 @@ async def test_kills_lose_nothing(cluster_settings: ClusterSettings) -> None:
     # The api died between the fourth and the fifth upload, the fifth inside its transaction.
     assert api == {"waiting_uploads": 1, "committed_uploads": CLIENTS - 1}
     # The orchestrator died holding an unacknowledged event, its handler at the training's lock.
-    assert list(orchestrator["held"]) == ["orchestrator"]
-    assert orchestrator["handlers_at_lock"] >= 1
+    assert orchestrator == {"held": {"orchestrator": 1}, "handlers_at_lock": 1}
     assert sorted(faults.killed) == sorted(["api", "orchestrator", aggregator["holder"]])
 
 
