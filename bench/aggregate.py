@@ -12,7 +12,10 @@ For each case (clients x parameters, dtype), on the same in-memory updates:
 - ``+decode``: the same fedhub methods fed from msgpack (each update encoded once with
   `shared.codec.encode_tensors`; timed: `decode_tensors` plus zero-copy tensor views plus the method).
 
-Throughput is the bytes of all updates over the time taken (best of ``--repeats``). Flower's
+Throughput is the bytes of all updates over the time taken (best of ``--repeats``). torch runs
+with its default threads unless ``--threads`` says otherwise: on a machine whose cores other
+processes keep busy, multi-threaded torch kernels wait on descheduled threads and lose up to 10x,
+while ``--threads 1`` stays stable (numpy and Flower are single-threaded either way). Flower's
 figures need flwr (``make bench`` installs it in .venv-bench); without it they are left out with a
 note. With a CUDA device (``--device cuda``) fedhub's methods run there, updates moved by
 `DeviceTransfer`, beside the pinned host-to-device copy bandwidth.
@@ -441,7 +444,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where fedhub's methods run: cpu or cuda")
     parser.add_argument("--no-flower", action="store_true", help="leave Flower out even when installed")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table instead of rich")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's own); 1 compares like for like with single-threaded "
+        "numpy and Flower, and stays stable on a machine other work keeps busy",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
