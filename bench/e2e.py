@@ -8,6 +8,11 @@ to its `finished_at`). Clients run in this process (asyncio, real HTTP and event
 
     python bench/e2e.py --json /tmp/e2e.json
     python bench/e2e.py --small --modes embedded
+    python bench/e2e.py --workloads A --modes embedded --profile
+
+`--profile` scrapes every service's `GET /metrics` before the first round and after the last and
+splits a round into fan-out, download, upload, aggregation, test and trigger from the services' own
+timing metrics (per round, and per request where a phase is one request per client).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from fedhub.task import (
     train_one_round,
 )
 from fedhub.task import evaluate as evaluate_model
+from shared.metrics import Samples, parse_exposition, total
 
 MODES = ("embedded", "distributed")
 WORKLOADS = ("A", "B")
@@ -82,9 +88,11 @@ class BenchConfig:
     log_level: str = "WARNING"
     round_timeout_s: float = 600.0
     run_timeout_s: float = 900.0
+    """A run taking longer is cancelled and reported as failed, so that the others still run."""
     shared_http: bool = False
     """One `httpx.AsyncClient` for all the simulated clients instead of one each."""
-    """A run taking longer is cancelled and reported as failed, so that the others still run."""
+    profile: bool = False
+    """Scrape the services' metrics around the rounds and add the split of a round to each leaf."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,13 +112,28 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time `pid` has used (seconds), None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # After the command's closing parenthesis: state is field 3, utime 14 and stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RssSampler:
-    """A thread reading VmRSS of named processes every `interval_s`, keeping each one's peak."""
+    """A thread reading VmRSS of named processes every `interval_s`, keeping each one's peak; and
+    the CPU time each used while it ran (wall time on a shared machine depends on what else runs,
+    CPU time much less)."""
 
     def __init__(self, pids: dict[str, int], interval_s: float = 0.2) -> None:
         self.pids = pids
         self.interval_s = interval_s
         self.peak: dict[str, float] = {}
+        self._cpu_start: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
 
@@ -126,6 +149,10 @@ class RssSampler:
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> RssSampler:
+        for name, pid in self.pids.items():
+            start = cpu_seconds(pid)
+            if start is not None:
+                self._cpu_start[name] = start
         self._thread.start()
         return self
 
@@ -133,6 +160,10 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+        for name, start in self._cpu_start.items():
+            end = cpu_seconds(self.pids[name])
+            if end is not None:
+                self.cpu[name] = round(end - start, 2)
 
     def result(self) -> dict[str, float]:
         """Peak MiB per process, rounded."""
@@ -217,6 +248,110 @@ async def drop_database(admin_dsn: str, name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Profile: where a round's time goes, from the services' own metrics
+# ---------------------------------------------------------------------------------------------------
+
+HTTP = "fedhub_http_request_duration_seconds"
+ROUTES = {
+    "download": ("GET", "/v1/models/{model_id}/weights"),
+    "upload": ("POST", "/v1/trainings/{training_id}/updates"),
+    "test": ("POST", "/v1/trainings/{training_id}/test-metrics"),
+}
+"""The per-request phases: one request per client and round (test: per test round)."""
+
+
+def metrics_urls(server: Server) -> list[str]:
+    """Where each process of `server` answers `GET /metrics` (embedded: the one process)."""
+    services = getattr(server, "services", None)
+    if isinstance(services, dict):
+        return [f"http://127.0.0.1:{s.health_port}/metrics" for s in services.values()]
+    return [f"{server.base_url}/metrics"]
+
+
+async def scrape(urls: Sequence[str]) -> Samples:
+    """Every process's samples, summed by name and labels (aggregator replicas add up)."""
+    merged: Samples = {}
+    async with httpx.AsyncClient(timeout=10) as http:
+        for url in urls:
+            response = await http.get(url)
+            response.raise_for_status()
+            for key, value in parse_exposition(response.text).items():
+                merged[key] = merged.get(key, 0.0) + value
+    return merged
+
+
+def _delta(before: Samples, after: Samples) -> Samples:
+    return {key: value - before.get(key, 0.0) for key, value in after.items()}
+
+
+def _phase(samples: Samples, name: str, rounds: int, **labels: str) -> dict[str, float]:
+    """Count and seconds of histogram `name` (labels matching), per round and per observation."""
+    count = total(samples, f"{name}_count", **labels)
+    seconds = total(samples, f"{name}_sum", **labels)
+    return {
+        "count": round(count),
+        "per_round_s": round(seconds / rounds, 4),
+        "mean_s": round(seconds / count, 5) if count else 0.0,
+    }
+
+
+def _label_values(samples: Samples, name: str, label: str) -> list[str]:
+    return sorted({v for (n, ls), _ in samples.items() if n == f"{name}_count" for k, v in ls if k == label})
+
+
+def profile_split(before: Samples, after: Samples, rounds: int) -> dict[str, Any]:
+    """A round split into its phases from two scrapes taken around `rounds` rounds.
+
+    Each phase has `count` (observations in all), `per_round_s` (their seconds summed, per round:
+    for per-request phases that is every client's request added up) and `mean_s` (per observation:
+    per request, per stream, per job). Phases overlap in time: clients download and upload at
+    once, so per-request sums exceed the round's wall time; `mean_s` is what one client waits.
+    """
+    d = _delta(before, after)
+    out: dict[str, Any] = {
+        "fan_out": {
+            "issued_to_stored": _phase(d, "fedhub_notification_stored_seconds", rounds),
+            "stored_to_stream": _phase(d, "fedhub_notification_fanout_seconds", rounds),
+            "issued_to_stream": _phase(d, "fedhub_notification_delivered_seconds", rounds),
+        }
+    }
+    for name, (method, route) in ROUTES.items():
+        out[name] = _phase(d, HTTP, rounds, method=method, route=route)
+    stages = {
+        stage: _phase(d, "fedhub_aggregator_stage_seconds", rounds, stage=stage)
+        for stage in _label_values(d, "fedhub_aggregator_stage_seconds", "stage")
+    }
+    out["aggregation"] = {
+        "job": _phase(d, "fedhub_message_handle_seconds", rounds, consumer="aggregator"),
+        "stages": stages,
+    }
+    triggers: dict[str, Any] = {}
+    for on in _label_values(d, "fedhub_orchestrator_trigger_seconds", "on"):
+        for emits in _label_values(d, "fedhub_orchestrator_trigger_seconds", "emits"):
+            phase = _phase(d, "fedhub_orchestrator_trigger_seconds", rounds, on=on, emits=emits)
+            if phase["count"]:
+                triggers[f"{on} -> {emits}"] = phase
+    out["trigger"] = triggers
+    known = {route for _, route in ROUTES.values()}
+    other = {}
+    for route in _label_values(d, HTTP, "route"):
+        if route not in known and route != "/metrics":
+            phase = _phase(d, HTTP, rounds, route=route)
+            if phase["count"]:
+                other[route] = phase
+    out["other_requests"] = other
+    messages = {}
+    for consumer in _label_values(d, "fedhub_message_delivery_seconds", "consumer"):
+        for kind in _label_values(d, "fedhub_message_delivery_seconds", "type"):
+            delivery = _phase(d, "fedhub_message_delivery_seconds", rounds, consumer=consumer, type=kind)
+            if delivery["count"]:
+                handle = _phase(d, "fedhub_message_handle_seconds", rounds, consumer=consumer, type=kind)
+                messages[f"{consumer} {kind}"] = {"delivery": delivery, "handle": handle}
+    out["messages"] = messages
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,6 +515,7 @@ async def _run_training(
     try:
         with RssSampler(pids) as sampler:
             tasks = [asyncio.create_task(c.run(), name=f"bench-client-{i}") for i, c in enumerate(clients)]
+            before = await scrape(metrics_urls(server)) if config.profile else None
             setup_s = time.perf_counter() - setup_started
             requests = 0
             started = time.perf_counter()
@@ -390,6 +526,7 @@ async def _run_training(
                 for task in tasks:
                     task.cancel()
             training_s = time.perf_counter() - started
+            after = await scrape(metrics_urls(server)) if before is not None else None
     finally:
         for http in set(https):
             await http.aclose()
@@ -409,13 +546,23 @@ async def _run_training(
         "setup_s": round(setup_s, 3),
         "requests_per_client_round": round(requests / (num_clients * rounds), 2),
         "rss_mib": sampler.result(),
+        "cpu_s": sampler.cpu,
     }
+    if before is not None and after is not None:
+        leaf["profile"] = profile_split(before, after, rounds)
     return leaf, rounds_json, actor
+
+
+def warm_up_torch() -> None:
+    """Build one optimizer before the clock starts: the first one imports torch._dynamo (~1 s), a
+    one-off cost of the client process that would otherwise land in round 1."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
 async def run_workload_a(mode: str, rounds: int = 10, config: BenchConfig | None = None) -> dict[str, Any]:
     """Workload A in `mode`: 8 digits clients, `rounds` rounds with a test round after each."""
     config = config or BenchConfig()
+    warm_up_torch()
     recipe = DigitsRecipe.create()
     initial = {k: v.detach().clone() for k, v in make_model(0).state_dict().items()}
     async with serve(mode, config) as (server, pids):
@@ -577,6 +724,45 @@ def print_table(results: dict[str, Any]) -> None:
     console.print("embedded RSS is the bench process: the server and the simulated clients together.")
 
 
+def _profile_rows(profile: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    rows: list[tuple[str, dict[str, float]]] = [
+        (f"fan-out {name}", phase) for name, phase in profile["fan_out"].items()
+    ]
+    rows += [(phase, profile[phase]) for phase in ROUTES]
+    rows.append(("aggregation job", profile["aggregation"]["job"]))
+    rows += [(f"  stage {name}", phase) for name, phase in profile["aggregation"]["stages"].items()]
+    rows += [(f"trigger {name}", phase) for name, phase in profile["trigger"].items()]
+    rows += [(f"other {route}", phase) for route, phase in profile["other_requests"].items()]
+    for name, both in profile["messages"].items():
+        rows.append((f"bus {name} delivery", both["delivery"]))
+        rows.append((f"bus {name} handle", both["handle"]))
+    return rows
+
+
+def profile_text(results: dict[str, Any]) -> str:
+    """Per run with a profile, a markdown table: each phase's count per round, its mean per
+    observation (per request, stream or job) and its seconds per round (summed over clients)."""
+    blocks = []
+    for workload, mode, n, leaf in _rows(results):
+        profile = leaf.get("profile")
+        if not profile:
+            continue
+        rounds = leaf["rounds"]
+        lines = [
+            f"{workload}, {mode}, {n} clients: median round {leaf['round_s_median']} s",
+            "",
+            "| phase | per round | mean ms | s per round (summed) |",
+            "|---|---|---|---|",
+        ]
+        for name, phase in _profile_rows(profile):
+            lines.append(
+                f"| {name} | {phase['count'] / rounds:.1f} | {phase['mean_s'] * 1000:.2f} "
+                f"| {phase['per_round_s']:.4f} |"
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """The same figures as a markdown table for the README."""
     lines = [
@@ -612,6 +798,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--shared-http", action="store_true", help="one httpx pool for all clients (slower at 100+)"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="split each round by phase from the services' /metrics"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
     parser.add_argument(
@@ -624,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.rounds_a, args.clients = SMALL_ROUNDS_A, [SMALL_CLIENTS_B]
     from shared.logging import configure_logging
 
-    config = BenchConfig(run_timeout_s=args.run_timeout_s, shared_http=args.shared_http)
+    config = BenchConfig(run_timeout_s=args.run_timeout_s, shared_http=args.shared_http, profile=args.profile)
     configure_logging(config.log_level)
     # Simulated clients train in worker threads: one torch thread each avoids oversubscription.
     torch.set_num_threads(1)
@@ -647,6 +836,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     print_table(results)
+    if args.profile:
+        print(profile_text(results))
     if args.markdown:
         print(markdown_table(results))
     failed = [label for label, _, _, leaf in _rows(results) if "error" in leaf]

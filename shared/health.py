@@ -1,7 +1,8 @@
-"""`/healthz` and `/readyz` for worker processes that serve no other HTTP (orchestrator, aggregator).
+"""`/healthz`, `/readyz` and `/metrics` for worker processes that serve no other HTTP (orchestrator,
+aggregator).
 
-A deliberately tiny HTTP/1.1 responder on asyncio streams: probes need two fixed answers, not a
-framework. The API and the notifier answer the same paths from their FastAPI apps.
+A deliberately tiny HTTP/1.1 responder on asyncio streams: probes need two fixed answers and the
+metrics one text, not a framework. The API and the notifier answer the same paths from their apps.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.bus.base import Bus
+from shared.metrics import CONTENT_TYPE, REGISTRY
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else why not."""
@@ -44,7 +46,7 @@ def bus_check(bus: Bus) -> ReadinessCheck:
 
 
 class HealthServer:
-    """Serves liveness (always 200 while the loop runs) and readiness (every check passes)."""
+    """Serves liveness (always 200 while the loop runs), readiness (every check passes) and metrics."""
 
     def __init__(self, host: str, port: int, checks: list[ReadinessCheck]) -> None:
         self.host = host
@@ -71,10 +73,13 @@ class HealthServer:
                 pass
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-            status, body = await self._answer(path)
-            payload = json.dumps(body).encode()
+            if path == "/metrics":
+                status, content_type, payload = "200 OK", CONTENT_TYPE, REGISTRY.exposition().encode()
+            else:
+                status, body = await self._answer(path)
+                content_type, payload = "application/json", json.dumps(body).encode()
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
                 + payload
             )

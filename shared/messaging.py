@@ -5,6 +5,8 @@ Queue bindings are derived from a service's handler registry, never listed twice
 
 from __future__ import annotations
 
+import contextvars
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -15,11 +17,33 @@ from shared.codec import decode_message
 from shared.db.uow import UnitOfWork, UnitOfWorkFactory
 from shared.errors import MalformedPayload
 from shared.events import MESSAGE_TYPES, Message
+from shared.metrics import REGISTRY, seconds_since
 
 Handler = Callable[[Any, UnitOfWork], Awaitable[None]]
 """`async def on_x(message: X, uow: UnitOfWork) -> None`: writes state and outbox rows, never commits."""
 
 log = structlog.get_logger(component="consumer")
+
+DELIVERY_SECONDS = REGISTRY.histogram(
+    "fedhub_message_delivery_seconds",
+    "From a message's outbox row (written in its producer's transaction) to its handler starting",
+    ("consumer", "type"),
+)
+HANDLE_SECONDS = REGISTRY.histogram(
+    "fedhub_message_handle_seconds",
+    "A message's handler and the commit of its unit of work",
+    ("consumer", "type"),
+)
+
+_handling: contextvars.ContextVar[Envelope | None] = contextvars.ContextVar("fedhub_handling", default=None)
+
+
+def handling() -> Envelope | None:
+    """The envelope whose handler is running in this task (None outside a consumer's handler).
+
+    Handlers that time what a message set off (the orchestrator's triggers) read its `created_at`.
+    """
+    return _handling.get()
 
 
 class Consumer:
@@ -50,6 +74,9 @@ class Consumer:
         if cls is None or cls not in self._handlers:
             raise MalformedPayload(f"{self.name} has no handler for message type {envelope.type!r}")
         message = decode_message(cls, envelope.body)
+        DELIVERY_SECONDS.observe(seconds_since(envelope.created_at), consumer=self.name, type=envelope.type)
+        started = time.perf_counter()
+        token = _handling.set(envelope)
         with structlog.contextvars.bound_contextvars(
             consumer=self.name, message_id=str(envelope.message_id), message_type=envelope.type
         ):
@@ -60,6 +87,9 @@ class Consumer:
                         raise _Duplicate
             except _Duplicate:
                 log.info("message.duplicate_dropped")
+            finally:
+                _handling.reset(token)
+                HANDLE_SECONDS.observe(time.perf_counter() - started, consumer=self.name, type=envelope.type)
 
 
 class _Duplicate(Exception):

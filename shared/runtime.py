@@ -6,6 +6,7 @@ own. Services receive it and never own its lifecycle.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -78,3 +79,14 @@ async def open_blob_store(settings: CommonSettings, *, create_tables: bool = Fal
             await store.create_tables()
         return store
     return LocalBlobStore(settings.blob_path, chunk_size=settings.blob_chunk_size)
+
+
+def freeze_startup_heap() -> None:
+    """Keep what start-up allocated (torch, SQLAlchemy, pydantic: ~400k objects) out of the GC's scans.
+
+    A full collection walks every tracked object: with torch imported that took 0.2-0.3 s, several
+    times a training in embedded mode. Frozen objects are still freed by reference counting; only
+    cycles among them stay (start-up objects live as long as the process anyway).
+    """
+    gc.collect()
+    gc.freeze()

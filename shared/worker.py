@@ -12,7 +12,7 @@ import structlog
 
 from shared.health import HealthServer, bus_check, database_check
 from shared.logging import configure_logging
-from shared.runtime import Runtime
+from shared.runtime import Runtime, freeze_startup_heap
 from shared.settings import CommonSettings
 
 log = structlog.get_logger(component="worker")
@@ -60,6 +60,7 @@ async def run_worker(
         )
         await health.start()
         stack.push_async_callback(health.stop)
+        freeze_startup_heap()
         log.info("worker.started", service=name, health_port=health.port)
         await stop.wait()
         log.info("worker.stopping", service=name)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,9 +73,17 @@ from shared.events import (
     utcnow,
 )
 from shared.messaging import Handler
+from shared.metrics import REGISTRY
 from shared.tensors import state_dict_to_records
 
 log = structlog.get_logger(component="aggregator")
+
+STAGE_SECONDS = REGISTRY.histogram(
+    "fedhub_aggregator_stage_seconds",
+    "One recorded round's time per stage: read (update blobs), decode, validate, aggregate (the "
+    "method, its result included), store (model and state blobs), commit (rows, event, commit)",
+    ("stage",),
+)
 
 _ROUND_MODEL_NAMESPACE = UUID("6f1d8a52-3c0e-4f4b-9a57-2b8e64c1d0a9")
 _PART_NAMESPACE = UUID("1c0f3e8a-7b52-4d8e-9a1e-5f2b6c3d4e71")
@@ -378,7 +387,17 @@ async def store(outcome: RoundOutcome, blobs: BlobStore) -> _Stored:
 
 async def record_round(job: AggregateRound, outcome: RoundOutcome, blobs: BlobStore, uow: UnitOfWork) -> None:
     """Store the round's blobs, then its rows, rejections, deletion marks and event in one transaction."""
+    started = time.perf_counter()
     stored = await store(outcome, blobs)
+    rows_started = time.perf_counter()
+    seconds = {**outcome.seconds, "store": rows_started - started}
+
+    def observe() -> None:
+        seconds["commit"] = time.perf_counter() - rows_started
+        for stage, value in seconds.items():
+            STAGE_SECONDS.observe(value, stage=stage)
+
+    uow.after_commit(observe)
     owner_id = await uow.session.scalar(select(Training.owner_id).where(Training.id == job.training_id))
     model_id = round_model_id(job.training_id, job.round)
     model = stored.model

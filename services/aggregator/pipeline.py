@@ -33,9 +33,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import time
 import warnings
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -112,6 +114,8 @@ class RoundOutcome:
     aggregate: Aggregate
     accepted: tuple[UpdateRef, ...]
     rejected: tuple[Rejection, ...]
+    seconds: Mapping[str, float] = field(default_factory=dict)
+    """Time spent per stage (`read`, `decode`, `validate`, `aggregate`), for the aggregator's metrics."""
 
 
 def round_seed(training_id: UUID, round_number: int) -> int:
@@ -189,6 +193,8 @@ class RoundPipeline:
         self._transfer = DeviceTransfer(device)
         self.accepted: list[UpdateRef] = []
         self.rejected: list[Rejection] = []
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        """Time spent per stage so far: `decode`, `validate`, `aggregate` (and `read`, by `feed`)."""
 
     def offer(self, ref: UpdateRef, data: bytes | None) -> str | None:
         """Validate one update's bytes and add it to the method; the rejection reason, or None.
@@ -198,9 +204,16 @@ class RoundPipeline:
         try:
             if data is None:
                 raise UpdateRejected(f"blob {ref.blob_key!r} does not exist")
-            update = self.prepare(decode_tensors(data))
+            started = time.perf_counter()
+            records = decode_tensors(data)
+            decoded = time.perf_counter()
+            update = self.prepare(records)
+            validated = time.perf_counter()
             moved = self._transfer.to_device({name: update[name] for name in self._computed})
             self.method.add(moved, float(ref.num_examples))
+            self.seconds["decode"] += decoded - started
+            self.seconds["validate"] += validated - decoded
+            self.seconds["aggregate"] += time.perf_counter() - validated
         except (UpdateRejected, UpdateMismatch, InvalidWeight) as exc:
             reason = exc.detail if isinstance(exc, UpdateRejected) else f"{exc.name}: {exc.detail}"
             return self._reject(ref, reason)
@@ -249,6 +262,7 @@ class RoundPipeline:
 
     def finish(self) -> RoundOutcome:
         """The round's outcome; `JobRejected` when nothing was accepted or the method refuses."""
+        started = time.perf_counter()
         aggregate = self._result()
         outcome = Aggregate(
             model=self._complete(aggregate.model, "model"),
@@ -256,7 +270,8 @@ class RoundPipeline:
             members=[self._complete(m, f"member {i}") for i, m in enumerate(aggregate.members)],
             record=aggregate.record,
         )
-        return RoundOutcome(outcome, tuple(self.accepted), tuple(self.rejected))
+        self.seconds["aggregate"] += time.perf_counter() - started
+        return RoundOutcome(outcome, tuple(self.accepted), tuple(self.rejected), dict(self.seconds))
 
     def partial(self) -> Partial:
         """A batch's contribution to a linear method, for `merge_batch` elsewhere (ends this pipeline)."""
@@ -419,7 +434,9 @@ async def open_round(
 async def feed(pipeline: RoundPipeline, refs: Sequence[UpdateRef], blobs: BlobStore) -> None:
     """Offer `refs` to the pipeline one at a time; each update's bytes are dropped before the next read."""
     for ref in refs:
+        started = time.perf_counter()
         data = await read_update(blobs, ref)
+        pipeline.seconds["read"] += time.perf_counter() - started
         await asyncio.to_thread(pipeline.offer, ref, data)
         del data
 

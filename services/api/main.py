@@ -17,8 +17,9 @@ from services.api.routes import ROUTERS
 from services.api.settings import ApiSettings
 from shared.auth import ensure_admin
 from shared.errors import FedhubError, Unauthenticated
+from shared.http_metrics import RequestMetrics
 from shared.logging import configure_logging
-from shared.runtime import Runtime
+from shared.runtime import Runtime, freeze_startup_heap
 
 log = structlog.get_logger(component="api")
 
@@ -37,6 +38,8 @@ def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> FastAPI
                 stack.push_async_callback(rt.close)
             app.state.runtime = rt
             await _ensure_admin(rt, settings.admin_token)
+            if runtime is None:
+                freeze_startup_heap()
             log.info("api.started", embedded=runtime is not None)
             yield
             log.info("api.stopping")
@@ -56,6 +59,7 @@ def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> FastAPI
     app.add_exception_handler(IntegrityError, _integrity_error)
     for router in ROUTERS:
         app.include_router(router)
+    app.add_middleware(RequestMetrics, app_name="api")
     return app
 
 

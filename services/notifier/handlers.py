@@ -6,6 +6,8 @@ once it commits, live streams get the notification from the hub and the webhook 
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -18,8 +20,15 @@ from services.notifier.payloads import LiveNotification, dumps, notification_pay
 from shared.db.uow import UnitOfWork
 from shared.events import Message, NotificationIssued, utcnow
 from shared.messaging import Handler
+from shared.metrics import REGISTRY
 
 log = structlog.get_logger(component="notifier.handlers")
+
+STORED_SECONDS = REGISTRY.histogram(
+    "fedhub_notification_stored_seconds",
+    "From a notification's issue (the orchestrator's transition) to the commit that stores it",
+    ("notification_type",),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +92,8 @@ async def store_notification(message: NotificationIssued, uow: UnitOfWork) -> St
         training_id=message.training_id,
         receivers=receivers,
         frame=sse_frame(seq, str(message.notification_type), dumps(payload)),
+        notification_type=str(message.notification_type),
+        issued_at=message.issued_at.timestamp(),
     )
     log.info(
         "notification.stored",
@@ -105,9 +116,11 @@ def notifier_handlers(
         stored = await store_notification(message, uow)
         if stored is None:
             return
-        live = stored.live
 
         def after_commit() -> None:
+            committed = time.time()
+            live = dataclasses.replace(stored.live, committed_at=committed)
+            STORED_SECONDS.observe(committed - live.issued_at, notification_type=live.notification_type)
             publish(live)
             if stored.webhook_deliveries:
                 wake_webhooks()

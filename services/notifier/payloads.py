@@ -24,6 +24,11 @@ class LiveNotification:
     training_id: UUID
     receivers: frozenset[UUID]
     frame: bytes
+    notification_type: str = ""
+    issued_at: float = 0.0
+    """When the issuer created it (epoch seconds), for the fan-out metrics; 0 when unknown."""
+    committed_at: float = 0.0
+    """When the notifier's transaction storing it committed (epoch seconds); 0 when unknown."""
 
 
 def notification_payload(message: NotificationIssued) -> dict[str, Any]:

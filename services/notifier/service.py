@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 import uvicorn
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -21,9 +21,10 @@ from services.notifier.settings import NotifierSettings
 from services.notifier.sse import Hub, events_router
 from services.notifier.webhooks import WebhookWorker, webhook_router
 from shared.bus.base import Envelope
+from shared.http_metrics import RequestMetrics, metrics_response
 from shared.logging import configure_logging
 from shared.messaging import Consumer
-from shared.runtime import Runtime
+from shared.runtime import Runtime, freeze_startup_heap
 
 log = structlog.get_logger(component="notifier")
 
@@ -120,7 +121,7 @@ class StreamEndingServer(uvicorn.Server):
 
 
 def create_app(settings: NotifierSettings, runtime: Runtime | None = None) -> FastAPI:
-    """The standalone notifier: its routes plus `/healthz` and `/readyz`; `app.state.notifier` once started.
+    """The standalone notifier: its routes, `/healthz`, `/readyz`, `/metrics`; `app.state.notifier` once up.
 
     Without `runtime` the lifespan opens one from `settings` (and creates the tables on SQLite).
     """
@@ -142,9 +143,12 @@ def create_app(settings: NotifierSettings, runtime: Runtime | None = None) -> Fa
             stack.push_async_callback(notifier.stop)
             state["runtime"] = rt
             app.state.notifier = notifier
+            if runtime is None:
+                freeze_startup_heap()
             yield
 
     app = FastAPI(title="fedhub notifier", version="1", lifespan=lifespan)
+    app.add_middleware(RequestMetrics, app_name="notifier")
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -166,6 +170,11 @@ def create_app(settings: NotifierSettings, runtime: Runtime | None = None) -> Fa
         if (problem := rt.bus.problem()) is not None:
             return JSONResponse({"error": "NotReady", "detail": problem}, status_code=503)
         return {"status": "ready"}
+
+    @app.get("/metrics", include_in_schema=False, response_class=Response)
+    async def metrics() -> Response:
+        """This process's metrics in the Prometheus text format."""
+        return metrics_response()
 
     return app
 

@@ -6,6 +6,7 @@ in between arrives by both paths; the stream sends each seq once, in increasing 
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Annotated
 from uuid import UUID
@@ -22,8 +23,20 @@ from services.notifier.payloads import KEEPALIVE, LiveNotification, dumps, sse_f
 from shared.auth import bearer_token
 from shared.db.uow import UnitOfWorkFactory
 from shared.errors import MalformedPayload
+from shared.metrics import REGISTRY
 
 log = structlog.get_logger(component="notifier.sse")
+
+FANOUT_SECONDS = REGISTRY.histogram(
+    "fedhub_notification_fanout_seconds",
+    "From the commit storing a notification to its frame written to one live stream (per stream)",
+    ("notification_type",),
+)
+DELIVERED_SECONDS = REGISTRY.histogram(
+    "fedhub_notification_delivered_seconds",
+    "From a notification's issue to its frame written to one live stream (per stream)",
+    ("notification_type",),
+)
 
 REPLAY_PAGE = 500
 """Notifications read per replay query; no transaction stays open while a page is sent."""
@@ -201,6 +214,12 @@ async def event_frames(
             continue
         last_sent = live.seq
         yield live.frame
+        # Resumed once the server has taken the frame: the write to this stream is done.
+        written = time.time()
+        if live.committed_at:
+            FANOUT_SECONDS.observe(written - live.committed_at, notification_type=live.notification_type)
+        if live.issued_at:
+            DELIVERED_SECONDS.observe(written - live.issued_at, notification_type=live.notification_type)
 
 
 class EventStreamResponse(StreamingResponse):

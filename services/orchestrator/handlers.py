@@ -26,11 +26,19 @@ from shared.events import (
     UpdateRef,
     utcnow,
 )
-from shared.messaging import Handler
+from shared.messaging import Handler, handling
+from shared.metrics import REGISTRY, seconds_since
 
 log = structlog.get_logger(component="orchestrator")
 
 Transition = Callable[[], Step | None]
+
+TRIGGER_SECONDS = REGISTRY.histogram(
+    "fedhub_orchestrator_trigger_seconds",
+    "From the message that moved a training (its outbox row) or the deadline that passed, to the "
+    "commit of the transition and of what it emits (the aggregation job, the next notification)",
+    ("on", "emits"),
+)
 
 
 async def on_start_training(command: StartTraining, uow: UnitOfWork) -> None:
@@ -92,7 +100,10 @@ async def check_deadline(training_id: UUID, uow: UnitOfWork) -> bool:
     training, view = await repo.load(training_id)
     received = await repo.count_updates(training.id, view.round)
     now = utcnow()
-    return await _attempt(uow, repo, training, lambda: machine.deadline_passed(view, received, now), now)
+    cause = ("deadline", view.deadline_at) if view.deadline_at is not None else None
+    return await _attempt(
+        uow, repo, training, lambda: machine.deadline_passed(view, received, now), now, cause=cause
+    )
 
 
 HANDLERS: Mapping[type[Message], Handler] = {
@@ -111,8 +122,14 @@ async def _attempt(
     training: Training,
     transition: Transition,
     now: datetime,
+    *,
+    cause: tuple[str, datetime] | None = None,
 ) -> bool:
-    """Run a transition; an illegal one (stale or repeated event) is logged and has no effect."""
+    """Run a transition; an illegal one (stale or repeated event) is logged and has no effect.
+
+    `cause` (what moved the training, and when) defaults to the message being handled; the time
+    from it to the transition's commit is the trigger latency.
+    """
     try:
         step = transition()
     except IllegalTransition as exc:
@@ -121,6 +138,13 @@ async def _attempt(
     if step is None:
         return False
     await _apply(uow, repo, training, step, now)
+    envelope = handling()
+    if cause is None and envelope is not None:
+        cause = (envelope.type, envelope.created_at)
+    if cause is not None:
+        on, since = cause
+        emits = "aggregation" if step.aggregate else "+".join(str(n.type) for n in step.notices) or "none"
+        uow.after_commit(lambda: TRIGGER_SECONDS.observe(seconds_since(since), on=on, emits=emits))
     return True
 
 

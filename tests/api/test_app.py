@@ -16,9 +16,19 @@ from shared.auth import admin_principal_id
 from shared.codec import encode_tensors
 from shared.db import models as db
 from shared.events import UpdateReceived
+from shared.metrics import parse_exposition, total
 from shared.runtime import Runtime
 from tests.api.conftest import api_settings
-from tests.api.helpers import ADMIN_TOKEN, MSGPACK, Fedhub, bearer, json_body, msgpack_body, record
+from tests.api.helpers import (
+    ADMIN_TOKEN,
+    MSGPACK,
+    Fedhub,
+    bearer,
+    json_body,
+    model_tensors,
+    msgpack_body,
+    record,
+)
 
 
 async def test_standalone_app_opens_and_closes_its_own_runtime(
@@ -128,3 +138,30 @@ async def test_embedded_app_leaves_the_runtime_open(
     monkeypatch.undo()
     async with runtime.uow() as uow:  # still usable
         assert await uow.session.get(db.Principal, admin_principal_id(ADMIN_TOKEN)) is not None
+
+
+async def test_metrics_count_real_requests_by_route_template(fedhub: Fedhub) -> None:
+    """`GET /metrics` (no token) answers Prometheus text; each request counts under its route template."""
+    route = "/v1/models/{model_id}/weights"
+
+    def weights_count(text: str, status: str) -> float:
+        labels = {"app": "api", "method": "GET", "route": route, "status": status}
+        return total(parse_exposition(text), "fedhub_http_request_duration_seconds_count", **labels)
+
+    first = await fedhub.http.get("/metrics")
+    assert first.status_code == 200
+    assert first.headers["content-type"].startswith("text/plain; version=0.0.4")
+    model = await fedhub.upload_model(model_tensors())
+    concrete = f"/v1/models/{model['id']}/weights"
+    for _ in range(3):
+        assert (await fedhub.http.get(concrete, headers=fedhub.admin.headers)).is_success
+    missing = await fedhub.http.get(f"/v1/models/{UUID(int=0)}/weights", headers=fedhub.admin.headers)
+    assert missing.status_code == 404
+    assert (await fedhub.http.get("/no/such/path")).status_code == 404
+    second = (await fedhub.http.get("/metrics")).text
+    assert weights_count(second, "200") - weights_count(first.text, "200") == 3
+    assert weights_count(second, "404") - weights_count(first.text, "404") == 1
+    samples = parse_exposition(second)
+    unmatched = {"app": "api", "route": "unmatched", "status": "404"}
+    assert total(samples, "fedhub_http_request_duration_seconds_count", **unmatched) >= 1
+    assert not any(("route", concrete) in labels for _, labels in samples), "a concrete path as a label"

@@ -9,7 +9,14 @@ from uuid import uuid4
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from bench.e2e import SMALL_CLIENTS_B, SMALL_ROUNDS_A, BenchConfig, markdown_table, run_bench
+from bench.e2e import (
+    SMALL_CLIENTS_B,
+    SMALL_ROUNDS_A,
+    BenchConfig,
+    markdown_table,
+    profile_text,
+    run_bench,
+)
 from tests import postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -47,22 +54,49 @@ async def _small(mode: str, config: BenchConfig) -> dict[str, Any]:
     )
 
 
+def _check_profile(leaf: dict[str, Any], clients: int, rounds: int, *, tests: bool) -> None:
+    """The split of a round from the services' metrics: every phase counted as often as it happened."""
+    profile = leaf["profile"]
+    assert profile["upload"]["count"] == clients * rounds
+    assert profile["download"]["count"] >= clients * rounds
+    assert profile["test"]["count"] == (clients * rounds if tests else 0)
+    assert profile["aggregation"]["job"]["count"] == rounds
+    assert {"read", "decode", "validate", "aggregate", "store", "commit"} <= set(
+        profile["aggregation"]["stages"]
+    )
+    assert profile["trigger"]["UpdateReceived -> aggregation"]["count"] == rounds
+    streamed = profile["fan_out"]["issued_to_stream"]["count"]
+    assert streamed >= clients * rounds, "each client's stream got each round's notification"
+    for phase in ("upload", "download"):
+        assert profile[phase]["per_round_s"] > 0
+        assert profile[phase]["mean_s"] > 0
+
+
 async def test_embedded_small_bench(tmp_path) -> None:
-    """Embedded mode: both workloads complete; the one RSS figure is the bench process's."""
-    results = await _small("embedded", BenchConfig(work_dir=tmp_path))
+    """Embedded mode with --profile: both workloads complete; the one RSS figure is the bench process's;
+    the profile counts every phase of every round."""
+    results = await _small("embedded", BenchConfig(work_dir=tmp_path, profile=True))
     _check(results, "embedded")
     assert set(results["A"]["embedded"]["rss_mib"]) == {"embedded"}
+    assert set(results["A"]["embedded"]["cpu_s"]) == {"embedded"}
+    _check_profile(results["A"]["embedded"], 8, SMALL_ROUNDS_A, tests=True)
+    _check_profile(results["B"]["embedded"][str(SMALL_CLIENTS_B)], SMALL_CLIENTS_B, 5, tests=False)
+    assert "upload" in profile_text(results)
 
 
 @pytest.mark.integration
 async def test_distributed_small_bench(tmp_path, rabbitmq_url: str) -> None:
-    """Distributed mode: both workloads complete over PostgreSQL and RabbitMQ; every service is sampled."""
+    """Distributed mode with --profile: both workloads complete over PostgreSQL and RabbitMQ; every
+    service is sampled and scraped."""
     try:
         await postgres.drop_database(f"fedhub_bench_probe_{uuid4().hex[:8]}")  # reachable?
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         postgres.unavailable(f"{type(exc).__name__}: {exc}")
-    config = BenchConfig(admin_dsn=postgres.ADMIN_DSN, amqp_url=rabbitmq_url, work_dir=tmp_path)
+    config = BenchConfig(admin_dsn=postgres.ADMIN_DSN, amqp_url=rabbitmq_url, work_dir=tmp_path, profile=True)
     results = await _small("distributed", config)
     _check(results, "distributed")
     rss = results["B"]["distributed"][str(SMALL_CLIENTS_B)]["rss_mib"]
     assert {"api", "notifier", "orchestrator", "aggregator-1", "aggregator-2"} <= set(rss)
+    # Scraped from every process: the api's requests, the orchestrator's triggers, both aggregators.
+    _check_profile(results["A"]["distributed"], 8, SMALL_ROUNDS_A, tests=True)
+    _check_profile(results["B"]["distributed"][str(SMALL_CLIENTS_B)], SMALL_CLIENTS_B, 5, tests=False)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import httpx
 
 from services.notifier.service import create_app
+from shared.metrics import parse_exposition, total
 from tests.notifier.conftest import serve
 
 
 async def test_standalone_app_opens_its_runtime(settings):
-    """`create_app(settings)` alone: /healthz, /readyz and an authenticated route answer."""
+    """`create_app(settings)` alone: /healthz, /readyz, /metrics and an authenticated route answer."""
     app = create_app(settings)
     async with (
         serve(app, before_exit=lambda: app.state.notifier.end_streams()) as url,
@@ -18,7 +19,11 @@ async def test_standalone_app_opens_its_runtime(settings):
         health = await http.get("/healthz")
         ready = await http.get("/readyz")
         events = await http.get("/v1/events")
+        metrics = await http.get("/metrics")
     assert health.json() == {"status": "ok"}
+    assert metrics.status_code == 200
+    refused = {"app": "notifier", "method": "GET", "route": "/v1/events", "status": "401"}
+    assert total(parse_exposition(metrics.text), "fedhub_http_request_duration_seconds_count", **refused) >= 1
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready"}
     assert events.status_code == 401

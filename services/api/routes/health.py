@@ -1,4 +1,4 @@
-"""Liveness and readiness probes (no authentication)."""
+"""Liveness and readiness probes and the metrics (no authentication)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import asyncio
 
 import structlog
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from services.api.deps import RuntimeDep
 from services.api.schemas import Health
+from shared.http_metrics import metrics_response
 
 router = APIRouter(tags=["health"])
 log = structlog.get_logger(component="api")
@@ -40,3 +41,9 @@ async def readyz(runtime: RuntimeDep) -> Health | JSONResponse:
         log.warning("api.not_ready", detail=problem)
         return JSONResponse(Health(status="unavailable", detail=problem).model_dump(), status_code=503)
     return Health(status="ok")
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics() -> Response:
+    """This process's metrics in the Prometheus text format (request durations, fan-out, triggers)."""
+    return metrics_response()
