@@ -20,10 +20,10 @@ accuracy for robustness even without attackers (Krum keeps one client's model, t
 client's labels only), and that known cost is not what this test is about.
 
 Local training is long enough (3 epochs of batches of 8, the lr decaying over 6 rounds) for every
-client's model to be nearly as good as the mean: Krum's model is one client's, so with short local
-training it lags the reference by up to 15 points without any attack. Over seeds 0-15 the reference
-ends at 0.933-0.944, median and trimmed mean at most 0.014 below it, Krum at most 0.033 below, and
-attacked FedAvg 0.75-0.92 below (0.03-0.18).
+client's model to be nearly as good as the mean: Krum's model is one client's, and with 1 local epoch
+over 5 rounds it lagged the reference by up to 15 points. Over seeds 0-15 the reference ends at
+0.933-0.944, median and trimmed mean at most 0.014 below it, Krum at most 0.033 below, and attacked
+FedAvg 0.75-0.92 below it (at 0.03-0.18).
 
 The five trainings run once, sequentially in one embedded server (a module fixture); the tests read
 their outcomes.
