@@ -23,7 +23,9 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -93,6 +95,8 @@ class BenchConfig:
     """One `httpx.AsyncClient` for all the simulated clients instead of one each."""
     profile: bool = False
     """Scrape the services' metrics around the rounds and add the split of a round to each leaf."""
+    embedded_in_process: bool = False
+    """Run embedded mode inside the bench process (with the clients) instead of as `fedhub serve`."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,17 +183,24 @@ class RssSampler:
 async def serve(mode: str, config: BenchConfig) -> AsyncIterator[tuple[Server, dict[str, int]]]:
     """Run fedhub in `mode`; yield the server and the pids whose RSS to sample, by name.
 
-    Embedded mode runs in this process, clients included, so its one figure is the bench process's.
+    Embedded mode is `fedhub serve` (the four services in one process) in a process of its own, as a
+    deployment runs it, with the clients in this one; `embedded_in_process` runs it inside this
+    process instead (clients and server then share one event loop, and the one RSS figure is both's).
     Distributed mode gets a fresh PostgreSQL database and a bus namespace of its own, dropped after.
     """
     with tempfile.TemporaryDirectory(prefix="fedhub-bench-", dir=config.work_dir) as tmp:
         data_dir = Path(tmp)
-        if mode == "embedded":
+        if mode == "embedded" and config.embedded_in_process:
             from fedhub.embedded import EmbeddedServer, EmbeddedSettings
 
             settings = EmbeddedSettings(data_dir=data_dir, log_level=config.log_level)
             async with EmbeddedServer(settings) as server:
                 yield server, {"embedded": os.getpid()}
+            return
+        if mode == "embedded":
+            async with embedded_process(data_dir, config) as process:
+                pids = {"embedded": process.pid, "bench (clients)": os.getpid()}
+                yield process, pids
             return
         if mode != "distributed":
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -216,6 +227,64 @@ async def serve(mode: str, config: BenchConfig) -> AsyncIterator[tuple[Server, d
                 yield cluster, pids
         finally:
             await drop_database(config.admin_dsn, database)
+
+
+@dataclass(frozen=True)
+class EmbeddedProcess:
+    """A `fedhub serve` process: where its clients reach it."""
+
+    base_url: str
+    admin_token: str
+    pid: int
+
+    @property
+    def events_url(self) -> str:
+        """`/v1/events` is served by the same process."""
+        return self.base_url
+
+
+def _start_serve(data_dir: Path, port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedhub.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+@contextlib.asynccontextmanager
+async def embedded_process(data_dir: Path, config: BenchConfig) -> AsyncIterator[EmbeddedProcess]:
+    """Start `fedhub serve` on a free port over `data_dir`; wait for `/readyz`; SIGTERM it after."""
+    from fedhub.distributed import free_port
+
+    port = free_port()
+    token = "fh_admin_" + uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDHUB_")}
+    env.update(FEDHUB_ADMIN_TOKEN=token, FEDHUB_LOG_LEVEL=config.log_level)
+    log_path = data_dir / "embedded.log"
+    process = _start_serve(data_dir, port, env, log_path)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(timeout=2) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"fedhub serve exited with {process.returncode}; see {log_path}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"{base_url}/readyz")).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"fedhub serve not ready after 60 s; see {log_path}")
+                await asyncio.sleep(0.1)
+        yield EmbeddedProcess(base_url=base_url, admin_token=token, pid=process.pid)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, 15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
 
 
 def async_url(admin_dsn: str, database: str) -> str:
@@ -801,6 +870,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="split each round by phase from the services' /metrics"
     )
+    parser.add_argument(
+        "--embedded-in-process",
+        action="store_true",
+        help="run embedded mode inside the bench process (sharing it with the clients)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
     parser.add_argument(
@@ -813,7 +887,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.rounds_a, args.clients = SMALL_ROUNDS_A, [SMALL_CLIENTS_B]
     from shared.logging import configure_logging
 
-    config = BenchConfig(run_timeout_s=args.run_timeout_s, shared_http=args.shared_http, profile=args.profile)
+    config = BenchConfig(
+        run_timeout_s=args.run_timeout_s,
+        shared_http=args.shared_http,
+        profile=args.profile,
+        embedded_in_process=args.embedded_in_process,
+    )
     configure_logging(config.log_level)
     # Simulated clients train in worker threads: one torch thread each avoids oversubscription.
     torch.set_num_threads(1)

@@ -73,15 +73,24 @@ def _check_profile(leaf: dict[str, Any], clients: int, rounds: int, *, tests: bo
 
 
 async def test_embedded_small_bench(tmp_path) -> None:
-    """Embedded mode with --profile: both workloads complete; the one RSS figure is the bench process's;
-    the profile counts every phase of every round."""
+    """Embedded mode (`fedhub serve` in a process of its own) with --profile: both workloads complete;
+    the server and the clients' process are sampled apart; the profile counts every phase."""
     results = await _small("embedded", BenchConfig(work_dir=tmp_path, profile=True))
     _check(results, "embedded")
-    assert set(results["A"]["embedded"]["rss_mib"]) == {"embedded"}
-    assert set(results["A"]["embedded"]["cpu_s"]) == {"embedded"}
+    assert set(results["A"]["embedded"]["rss_mib"]) == {"embedded", "bench (clients)"}
+    assert set(results["A"]["embedded"]["cpu_s"]) == {"embedded", "bench (clients)"}
     _check_profile(results["A"]["embedded"], 8, SMALL_ROUNDS_A, tests=True)
     _check_profile(results["B"]["embedded"][str(SMALL_CLIENTS_B)], SMALL_CLIENTS_B, 5, tests=False)
     assert "upload" in profile_text(results)
+
+
+async def test_embedded_in_process_small_bench(tmp_path) -> None:
+    """`--embedded-in-process`: the server runs in the bench process, whose one figure covers both."""
+    config = BenchConfig(work_dir=tmp_path, embedded_in_process=True)
+    results = await run_bench(("B",), ("embedded",), (SMALL_CLIENTS_B,), rounds_b=3, config=config)
+    leaf = results["B"]["embedded"][str(SMALL_CLIENTS_B)]
+    _check_leaf(leaf, SMALL_CLIENTS_B, 3)
+    assert set(leaf["rss_mib"]) == {"embedded"}
 
 
 @pytest.mark.integration

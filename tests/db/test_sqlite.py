@@ -1,30 +1,33 @@
-"""SQLite writers take turns in the process (the writer queue) instead of failing or sleeping on the lock.
+"""SQLite in embedded mode: writers take turns in the process (the writer queue) instead of failing or
+sleeping on SQLite's lock; statements run on the loop but never block it on a lock.
 
-SQLite's busy timeout is set to 0 here, so a writer that reached SQLite's lock while another one
-holds it would fail at once with "database is locked": these tests pass only through the queue.
+SQLite's busy timeout is set to 0 in the queue tests, so a writer that reached SQLite's lock while
+another one holds it would fail at once with "database is locked": they pass only through the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
+import structlog
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import create_engine, create_schema, session_factory
-from shared.db.base import WriterQueue
 from shared.db.models import Principal
+from shared.db.sqlite import WriterQueue
 from shared.enums import Role
 
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
     """A SQLite file database whose busy timeout is 0: contention at SQLite's level fails at once."""
-    eng = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}", connect_args={"timeout": 0})
+    eng = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}", sqlite_busy_timeout_s=0)
     await create_schema(eng)
     yield eng
     await eng.dispose()
@@ -125,3 +128,32 @@ async def test_many_concurrent_writers_all_commit(engine: AsyncEngine) -> None:
 
     await asyncio.gather(*(write(i) for i in range(50)))
     assert await _count(engine) == 50
+
+
+async def test_a_lock_held_by_another_process_is_waited_for_off_the_loop(tmp_path: Path) -> None:
+    """A write while another connection (another process) holds the lock waits in a thread; the
+    loop keeps running meanwhile, and the write commits once the lock is released."""
+    path = tmp_path / "busy.db"
+    eng = create_engine(f"sqlite+aiosqlite:///{path}", sqlite_busy_timeout_s=30)
+    await create_schema(eng)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock as another process would
+    try:
+        with structlog.testing.capture_logs() as logs:
+
+            async def write() -> None:
+                async with session_factory(eng)() as session, session.begin():
+                    session.add(_principal("patient"))
+
+            task = asyncio.create_task(write())
+            await wait_until(
+                lambda: any(e["event"] == "sqlite.busy_elsewhere" for e in logs), "the write to wait"
+            )
+            # This coroutine ran while the write waited: the wait is not on the loop.
+            assert not task.done()
+            other.execute("COMMIT")
+            await asyncio.wait_for(task, timeout=20)
+        assert await _count(eng) == 1
+    finally:
+        other.close()
+        await eng.dispose()
