@@ -34,7 +34,7 @@ How it computes
 ---------------
 The floating tensors of one compute dtype are treated as one flat parameter space and walked in chunks:
 each chunk's slice of the K updates is copied into a ``[K + 1, L]`` buffer allocated once (L is 128K
-elements per update at K <= 16, then 2^21 / K down to 1K, so the buffer stays in the caches), and the
+elements per update at K <= 32, then 2^22 / K down to 1K, so the buffer stays in the caches), and the
 K rows are sorted coordinate-wise by a sorting network (Batcher's odd-even merge sort, pruned to the
 comparators the wanted order statistics depend on). Each comparator is one ``torch.minimum`` and one
 ``torch.maximum`` over a whole row, i.e. vectorised over L coordinates, with the spare row of the
@@ -287,7 +287,7 @@ def chunk_length(rows: int, device: torch.device, total: int) -> int:
         length = max(1 << 20, (1 << 28) // max(rows, 1))
     else:
         length = 1 << 17
-        while length > 1 << 10 and length * rows > 1 << 21:
+        while length > 1 << 10 and length * rows > 1 << 22:
             length //= 2
     return max(1, min(length, total))
 
