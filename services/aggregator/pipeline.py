@@ -6,7 +6,8 @@ the CPU work (run in a thread):
 1. The base model (and the server state its round left) is decoded; the method is built over
    ``RoundContext(base restricted to the tensors not matching exclude_vars, device, state, seed)``
    with the seed derived from (training id, round), so a redelivered job gives the same result.
-2. Each update, one at a time (its bytes are released before the next is read), is decoded into
+2. Each update, in order (read in batches of at most `FEED_BYTES`, released before the next
+   batch is read; a large update alone), is decoded into
    tensors that are views of msgpack's bytes (`update_views`: no copy, no per-element work) and
    checked: exactly the base's tensors minus the excluded ones, the base's dtypes and shapes,
    finite values. A `delta` upload becomes full weights, ``w = base + delta`` in the tensor's dtype
@@ -431,14 +432,35 @@ async def open_round(
     )
 
 
+FEED_BYTES = 64 * 1024 * 1024
+"""Update bytes held at once while feeding a round: small updates are read and offered in batches
+up to this size (one thread hop per batch instead of one per update), larger ones one at a time."""
+FEED_MAX_UPDATES = 256
+"""Updates per batch at most, however small."""
+
+
 async def feed(pipeline: RoundPipeline, refs: Sequence[UpdateRef], blobs: BlobStore) -> None:
-    """Offer `refs` to the pipeline one at a time; each update's bytes are dropped before the next read."""
-    for ref in refs:
+    """Offer `refs` to the pipeline in order, in batches of at most `FEED_BYTES` of update bytes.
+
+    The first update is read alone; its size (a round's updates are alike) sets how many are read
+    at once after it. A batch's bytes are dropped before the next batch is read.
+    """
+    window, start = 1, 0
+    while start < len(refs):
+        batch = refs[start : start + window]
         started = time.perf_counter()
-        data = await read_update(blobs, ref)
+        datas = await asyncio.gather(*(read_update(blobs, ref) for ref in batch))
         pipeline.seconds["read"] += time.perf_counter() - started
-        await asyncio.to_thread(pipeline.offer, ref, data)
-        del data
+        await asyncio.to_thread(_offer_all, pipeline, batch, datas)
+        largest = max((len(d) for d in datas if d is not None), default=0)
+        del datas
+        window = max(1, min(FEED_MAX_UPDATES, FEED_BYTES // max(largest, 1)))
+        start += len(batch)
+
+
+def _offer_all(pipeline: RoundPipeline, refs: Sequence[UpdateRef], datas: list[bytes | None]) -> None:
+    for ref, data in zip(refs, datas, strict=True):
+        pipeline.offer(ref, data)
 
 
 async def aggregate_round(job: AggregateRound, blobs: BlobStore, device: torch.device) -> RoundOutcome:

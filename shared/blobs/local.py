@@ -13,6 +13,9 @@ from typing import BinaryIO
 
 from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, check_key
 
+SMALL_BLOB = 1024 * 1024
+"""Streamed blobs up to this size are written in one go (see `LocalBlobStore.put_stream`)."""
+
 
 class LocalBlobStore(BlobStore):
     """Blobs as files under `root`; fine for embedded mode and for pods sharing a volume."""
@@ -45,13 +48,28 @@ class LocalBlobStore(BlobStore):
         return _publish(tmp, path)
 
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> bool:
-        """Write the chunks to a temporary file as they come, then publish it atomically."""
+        """Write the chunks to a temporary file as they come, then publish it atomically.
+
+        A blob that ends within `SMALL_BLOB` bytes is gathered in memory and written in one call
+        off the loop (one thread hop instead of one per step: most updates are small).
+        """
         path = self._path(key)
+        head: list[bytes] = []
+        size = 0
+        async for chunk in chunks:
+            head.append(chunk)
+            size += len(chunk)
+            if size > SMALL_BLOB:
+                break
+        else:
+            return await asyncio.to_thread(self._put, path, b"".join(head))
         if await asyncio.to_thread(path.exists):
             return False
         f, tmp = await asyncio.to_thread(self._open_temp, path)
         try:
             with f:
+                await asyncio.to_thread(f.writelines, head)
+                del head
                 async for chunk in chunks:
                     await asyncio.to_thread(f.write, chunk)
         except BaseException:

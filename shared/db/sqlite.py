@@ -18,6 +18,7 @@ import asyncio
 import sqlite3
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -118,22 +119,26 @@ class WriterQueue:
     SQLite has one writer at a time. A second one gets SQLITE_BUSY and its busy handler sleeps
     (1, 2, 5, ... 100 ms) before it retries, so under contention a write waits much longer than
     the transaction ahead of it lasts (a round with 8 clients spent ~0.5 s per round there), and
-    not in arrival order. Here a transaction's first writing statement waits on an asyncio lock
-    instead, which its connection holds until the transaction commits or rolls back; the next
-    writer starts the moment it is free. Reads never wait (WAL). The busy timeout stays, for
-    writers in other processes (`fedhub db`, a second server on the same file).
+    not in arrival order. Here a transaction's first writing statement waits for its turn (a FIFO
+    of futures; a free turn is taken without yielding to the loop), which its connection keeps
+    until the transaction commits or rolls back and then hands to the next writer. Reads never
+    wait (WAL). The busy timeout stays, for writers in other processes.
 
     The wait happens inside SQLAlchemy's greenlet (`await_only`), where every statement of an
     `AsyncEngine` runs. A statement outside one (no loop to wait on) goes straight to SQLite.
     """
 
     def __init__(self) -> None:
-        self._lock = asyncio.Lock()
-        self._holders: set[int] = set()
-        self.waiting = 0
-        """Writers waiting for their turn right now."""
+        self._holder: int | None = None
+        """The connection whose transaction is writing (its key), None when the turn is free."""
+        self._queue: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Writers waiting for their turn right now."""
+        return sum(not turn.done() for _, turn in self._queue)
 
     @classmethod
     def of(cls, engine: AsyncEngine) -> WriterQueue | None:
@@ -146,7 +151,7 @@ class WriterQueue:
         _QUEUES[sync_engine] = self
         event.listen(sync_engine, "before_cursor_execute", self._before_execute)
         dialect = sync_engine.dialect
-        # Instance attributes shadow the dialect's methods: the lock is released once the commit
+        # Instance attributes shadow the dialect's methods: the turn passes on once the commit
         # (or rollback, or close) has actually happened, which no engine event reports.
         dialect.do_commit = self._releasing(dialect.do_commit)  # type: ignore[method-assign,assignment]
         dialect.do_rollback = self._releasing(dialect.do_rollback)  # type: ignore[method-assign,assignment]
@@ -155,22 +160,27 @@ class WriterQueue:
 
     def _before_execute(self, conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
         key = _dbapi_key(conn.connection)
-        if key in self._holders or not statement.lstrip()[:7].upper().startswith(_WRITES):
+        if key == self._holder or not statement.lstrip()[:7].upper().startswith(_WRITES):
             return
         if not in_greenlet():
             return
-        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        self.waiting += 1
-        try:
-            await_only(asyncio.wait_for(self._lock.acquire(), WRITER_WAIT_S))
-        except TimeoutError:
-            # Only a holder that never ended its transaction gets here; SQLite's own lock still
-            # keeps writes apart, so go on without the queue rather than stall every writer.
-            log.warning("sqlite.writer_queue_timeout", waited_s=WRITER_WAIT_S)
+        if self._holder is None and not self._queue:
+            # The turn is free: take it without yielding to the loop.
+            self._holder = key
             return
-        finally:
-            self.waiting -= 1
-        self._holders.add(key)
+        loop = asyncio.get_running_loop()
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        turn: asyncio.Future[None] = loop.create_future()
+        self._queue.append((key, turn))
+        try:
+            # A future, not a coroutine: wait_for makes no task for it.
+            await_only(asyncio.wait_for(turn, WRITER_WAIT_S))
+        except TimeoutError:
+            # Only a holder that never ended its transaction gets here (a leak). Take the turn:
+            # SQLite's own lock still keeps two writers apart (the loser waits in its thread).
+            log.warning("sqlite.writer_queue_timeout", waited_s=WRITER_WAIT_S, holder=self._holder)
+            self._holder = key
+        # On a handover `_release` made this connection the holder already.
 
     def _releasing(self, do: Callable[[Any], None]) -> Callable[[Any], None]:
         def wrapped(dbapi_connection: Any) -> None:
@@ -182,15 +192,19 @@ class WriterQueue:
         return wrapped
 
     def _release(self, key: int) -> None:
-        if key not in self._holders:
+        if key != self._holder:
             return
-        self._holders.discard(key)
-        loop = self._loop
-        if loop is None or threading.get_ident() == self._loop_thread:
-            self._lock.release()
-        else:
-            # A connection reset by the garbage collector of another thread: release in the loop's.
-            loop.call_soon_threadsafe(self._lock.release)
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            # A connection reset by the garbage collector of another thread: hand over in the loop's.
+            self._loop.call_soon_threadsafe(self._release, key)
+            return
+        while self._queue:
+            next_key, turn = self._queue.popleft()
+            if not turn.done():  # a waiter that timed out or was cancelled has left
+                self._holder = next_key
+                turn.set_result(None)
+                return
+        self._holder = None
 
 
 _QUEUES: weakref.WeakKeyDictionary[Engine, WriterQueue] = weakref.WeakKeyDictionary()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -11,8 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from services.aggregator.pipeline import JobRejected, RoundPipeline, job_spec, round_seed, update_views
+from services.aggregator import pipeline as pipeline_module
+from services.aggregator.pipeline import (
+    JobRejected,
+    RoundPipeline,
+    feed,
+    job_spec,
+    round_seed,
+    update_views,
+)
 from shared.aggregation import AggregationMethod, AggregationSpec
+from shared.blobs import LocalBlobStore
 from shared.codec import decode_tensors, encode_tensors
 from shared.events import AggregateRound, UpdateRef
 from shared.tensors import state_dict_to_records
@@ -268,3 +278,43 @@ def test_update_tensors_are_views_of_the_decoded_bytes(gen):
         tensor = views[r.name]
         assert tensor.data_ptr() == np.frombuffer(r.data, dtype=np.uint8).ctypes.data
         assert torch.equal(tensor, state[r.name])
+
+
+class CountingBlobStore(LocalBlobStore):
+    """A local store that records how many reads are in flight at once, at most."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def get(self, key: str) -> bytes:
+        """Count the read while it runs."""
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await super().get(key)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_feed_reads_small_updates_in_batches_within_the_byte_budget(
+    gen, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many small updates are read several at a time, never more bytes at once than the budget, and
+    offered in order: a rejected one in the middle is named, the rest are aggregated."""
+    base = model(gen)
+    blobs = CountingBlobStore(tmp_path)
+    refs = [ref(num_examples=i + 1) for i in range(40)]
+    size = 0
+    for i, r in enumerate(refs):
+        data = b"not msgpack" if i == 17 else encode({k: v.clone() for k, v in base.items()})
+        size = max(size, len(data))
+        await blobs.put(r.blob_key, data)
+    monkeypatch.setattr(pipeline_module, "FEED_BYTES", 5 * size)
+    p = pipeline(base)
+    await feed(p, refs, blobs)
+    assert 1 < blobs.most_in_flight <= 5, "batched reads, within the budget"
+    assert [r.update_id for r in p.accepted] == [r.update_id for r in refs if r is not refs[17]]
+    assert [r.ref.update_id for r in p.rejected] == [refs[17].update_id]
+    assert p.seconds["read"] > 0
