@@ -1,9 +1,13 @@
-"""Bearer tokens: generated once, stored only as SHA-256, looked up in one indexed query."""
+"""Bearer tokens: generated once, stored only as SHA-256, looked up in one indexed query (then cached)."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from uuid import UUID, uuid5
 
 from sqlalchemy import select
@@ -12,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.db.models import Principal
 from shared.enums import Role
 from shared.errors import Unauthenticated
+from shared.metrics import REGISTRY
 
 _ADMIN_NAMESPACE = UUID("6f1c2a4e-3b7d-4c59-9e0a-0d5b8f3e2a11")
 
@@ -53,9 +58,91 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
+AUTH_LOOKUPS = REGISTRY.counter(
+    "fedhub_auth_lookups_total",
+    "Bearer tokens resolved: from the principal cache, from the database, or unknown",
+    ("source",),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a request comes from: the principal its token belongs to (a snapshot, not a row)."""
+
+    id: UUID
+    name: str
+    role: Role
+
+
+class PrincipalCache:
+    """Callers by token hash, each kept `ttl_s` seconds, at most `size` of them (least recently used
+    go first): one query per token and TTL instead of one per request.
+
+    The API never changes a principal once created (there is no revoke yet), so a cached caller is
+    what the database says; a change made elsewhere shows within `ttl_s`. `forget` drops a
+    principal's entries at once, for the code that changes or revokes one. Unknown tokens are not
+    cached. `ttl_s` 0 turns the cache off.
+    """
+
+    def __init__(self, ttl_s: float = 30.0, size: int = 100_000, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s = ttl_s
+        self.size = size
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[Caller, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, token_hash: str) -> Caller | None:
+        """The cached caller of a token hash, None when absent or expired."""
+        entry = self._entries.get(token_hash)
+        if entry is None:
+            return None
+        caller, expires = entry
+        if self._clock() >= expires:
+            del self._entries[token_hash]
+            return None
+        self._entries.move_to_end(token_hash)
+        return caller
+
+    def put(self, token_hash: str, caller: Caller) -> None:
+        """Remember `caller` for `ttl_s` seconds."""
+        if self.ttl_s <= 0:
+            return
+        self._entries[token_hash] = (caller, self._clock() + self.ttl_s)
+        self._entries.move_to_end(token_hash)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def forget(self, principal_id: UUID) -> None:
+        """Drop every cached token of `principal_id` (after changing or revoking it)."""
+        stale = [h for h, (caller, _) in self._entries.items() if caller.id == principal_id]
+        for token_hash in stale:
+            del self._entries[token_hash]
+
+
 async def principal_for_token(session: AsyncSession, token: str) -> Principal:
     """The principal a token belongs to, or `Unauthenticated`."""
-    principal = await session.scalar(select(Principal).where(Principal.token_hash == hash_token(token)))
+    return await _principal_by_hash(session, hash_token(token))
+
+
+async def _principal_by_hash(session: AsyncSession, token_hash: str) -> Principal:
+    principal = await session.scalar(select(Principal).where(Principal.token_hash == token_hash))
     if principal is None:
+        AUTH_LOOKUPS.inc(source="unknown")
         raise Unauthenticated("unknown bearer token")
     return principal
+
+
+async def caller_for_token(session: AsyncSession, token: str, cache: PrincipalCache | None = None) -> Caller:
+    """Who a token belongs to, from `cache` when it knows, else by one query; `Unauthenticated` if none."""
+    token_hash = hash_token(token)
+    if cache is not None and (cached := cache.get(token_hash)) is not None:
+        AUTH_LOOKUPS.inc(source="cache")
+        return cached
+    principal = await _principal_by_hash(session, token_hash)
+    AUTH_LOOKUPS.inc(source="database")
+    caller = Caller(id=principal.id, name=principal.name, role=principal.role)
+    if cache is not None:
+        cache.put(token_hash, caller)
+    return caller

@@ -36,3 +36,8 @@ class CommonSettings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
     outbox_poll_s: float = Field(default=0.5, gt=0, description="outbox relay poll interval")
+    auth_cache_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="how long a resolved bearer token is remembered (0: look every request up)",
+    )

@@ -8,10 +8,10 @@ from typing import Annotated, cast
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from services.api.cache import ApiCache
 from services.api.settings import ApiSettings
-from shared.auth import bearer_token, principal_for_token
+from shared.auth import Caller, PrincipalCache, bearer_token, caller_for_token
 from shared.blobs import BlobStore
-from shared.db.models import Principal
 from shared.db.uow import UnitOfWork
 from shared.enums import Role
 from shared.errors import Forbidden
@@ -55,16 +55,18 @@ async def current_principal(
     request: Request,
     uow: UowDep,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-) -> Principal:
-    """The caller, by one indexed query on its token's hash; `Unauthenticated` without a valid token."""
+) -> Caller:
+    """The caller, from the app's principal cache or by one indexed query on its token's hash;
+    `Unauthenticated` without a valid token."""
     token = bearer_token(request.headers.get("authorization"))
-    return await principal_for_token(uow.session, token)
+    cache: PrincipalCache | None = getattr(request.app.state, "principals", None)
+    return await caller_for_token(uow.session, token, cache)
 
 
-CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+CurrentPrincipal = Annotated[Caller, Depends(current_principal)]
 
 
-def _require(principal: Principal, role: Role) -> Principal:
+def _require(principal: Caller, role: Role) -> Caller:
     if principal.role != role:
         raise Forbidden(
             f"this needs the {role.value} role; principal {principal.id} has the {principal.role.value} role"
@@ -72,12 +74,12 @@ def _require(principal: Principal, role: Role) -> Principal:
     return principal
 
 
-async def current_actor(principal: CurrentPrincipal) -> Principal:
+async def current_actor(principal: CurrentPrincipal) -> Caller:
     """The caller, who must be an actor."""
     return _require(principal, Role.ACTOR)
 
 
-async def current_client(principal: CurrentPrincipal) -> Principal:
+async def current_client(principal: CurrentPrincipal) -> Caller:
     """The caller, who must be a client."""
     return _require(principal, Role.CLIENT)
 
@@ -87,6 +89,12 @@ async def get_blobs(runtime: RuntimeDep) -> BlobStore:
     return runtime.blobs
 
 
-CurrentActor = Annotated[Principal, Depends(current_actor)]
-CurrentClient = Annotated[Principal, Depends(current_client)]
+async def get_cache(request: Request) -> ApiCache:
+    """The app's caches of immutable rows and blobs."""
+    return cast(ApiCache, request.app.state.cache)
+
+
+CacheDep = Annotated[ApiCache, Depends(get_cache)]
+CurrentActor = Annotated[Caller, Depends(current_actor)]
+CurrentClient = Annotated[Caller, Depends(current_client)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]

@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.api.cache import ApiCache
 from services.api.routes import ROUTERS
 from services.api.settings import ApiSettings
-from shared.auth import ensure_admin
+from shared.auth import PrincipalCache, ensure_admin
 from shared.errors import FedhubError, Unauthenticated
 from shared.http_metrics import RequestMetrics
 from shared.logging import configure_logging
@@ -51,6 +52,8 @@ def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> FastAPI
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.principals = PrincipalCache(settings.auth_cache_s)
+    app.state.cache = ApiCache()
     if runtime is not None:
         app.state.runtime = runtime
     app.add_exception_handler(FedhubError, _fedhub_error)

@@ -18,6 +18,7 @@ from sqlalchemy import Insert, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.api.cache import ApiCache, ModelFacts
 from services.api.errors import ValidationError
 from services.api.schemas import OFFLOAD_BYTES, TensorDocument, TrainingCreate
 from services.api.uploads import (
@@ -30,7 +31,7 @@ from services.api.uploads import (
     unspool,
 )
 from shared.aggregation import AggregationSpec, method_params
-from shared.auth import hash_token, new_token
+from shared.auth import Caller, hash_token, new_token
 from shared.blobs import BlobStore, content_key, update_key
 from shared.codec import (
     StreamedField,
@@ -199,20 +200,25 @@ async def _drop_unreferenced_model_blob(
         await blobs.delete(key)
 
 
-async def visible_model(session: AsyncSession, model_id: UUID, principal: Principal) -> Model:
+async def visible_model(session: AsyncSession, cache: ApiCache, model_id: UUID, principal: Caller) -> Model:
     """A model the caller may read: actors read any; clients those of trainings they take part in."""
     model = await session.get(Model, model_id)
-    if model is None or not await _may_read_model(session, model, principal):
+    if model is None or not await _may_read_model(session, cache, model.id, model.training_id, principal):
         raise NotFound(f"model {model_id} does not exist")
     return model
 
 
-async def _may_read_model(session: AsyncSession, model: Model, principal: Principal) -> bool:
+async def _may_read_model(
+    session: AsyncSession, cache: ApiCache, model_id: UUID, training_id: UUID | None, principal: Caller
+) -> bool:
     if principal.role == Role.ACTOR:
         return True
-    related = [Training.initial_model_id == model.id, Training.current_model_id == model.id]
-    if model.training_id is not None:
-        related.append(Training.id == model.training_id)
+    # A round's model, read by that training's clients: no query once its participants are known.
+    if training_id is not None and principal.id in await cache.participants(session, training_id):
+        return True
+    related = [Training.initial_model_id == model_id, Training.current_model_id == model_id]
+    if training_id is not None:
+        related.append(Training.id == training_id)
     found = await session.scalar(
         select(Participant.training_id)
         .join(Training, Training.id == Participant.training_id)
@@ -223,11 +229,13 @@ async def _may_read_model(session: AsyncSession, model: Model, principal: Princi
 
 
 async def model_weights(
-    session: AsyncSession, blobs: BlobStore, model_id: UUID, principal: Principal
+    session: AsyncSession, blobs: BlobStore, cache: ApiCache, model_id: UUID, principal: Caller
 ) -> bytes:
     """The stored canonical msgpack bytes of a model the caller may read."""
-    model = await visible_model(session, model_id, principal)
-    return await blobs.get(model.blob_key)
+    model = await cache.model(session, model_id)
+    if model is None or not await _may_read_model(session, cache, model.id, model.training_id, principal):
+        raise NotFound(f"model {model_id} does not exist")
+    return await cache.model_blob(blobs, model.blob_key)
 
 
 async def count_members(session: AsyncSession, model_id: UUID) -> int:
@@ -238,9 +246,11 @@ async def count_members(session: AsyncSession, model_id: UUID) -> int:
     return int(n or 0)
 
 
-async def model_members(session: AsyncSession, model_id: UUID, principal: Principal) -> list[ModelMember]:
+async def model_members(
+    session: AsyncSession, cache: ApiCache, model_id: UUID, principal: Caller
+) -> list[ModelMember]:
     """The members of a model the caller may read, in order (empty unless it is an ensemble)."""
-    await visible_model(session, model_id, principal)
+    await visible_model(session, cache, model_id, principal)
     rows = await session.scalars(
         select(ModelMember).where(ModelMember.model_id == model_id).order_by(ModelMember.index)
     )
@@ -248,10 +258,10 @@ async def model_members(session: AsyncSession, model_id: UUID, principal: Princi
 
 
 async def member_weights(
-    session: AsyncSession, blobs: BlobStore, model_id: UUID, index: int, principal: Principal
+    session: AsyncSession, blobs: BlobStore, cache: ApiCache, model_id: UUID, index: int, principal: Caller
 ) -> bytes:
     """The stored canonical msgpack bytes of one member of a model the caller may read."""
-    await visible_model(session, model_id, principal)
+    await visible_model(session, cache, model_id, principal)
     member = await session.get(ModelMember, (model_id, index))
     if member is None:
         raise NotFound(f"model {model_id} has no member {index}")
@@ -373,23 +383,16 @@ def aggregation_spec(body: TrainingCreate) -> AggregationSpec:
         raise ValidationError(problems) from None
 
 
-async def visible_training(session: AsyncSession, training_id: UUID, principal: Principal) -> Training:
+async def visible_training(
+    session: AsyncSession, cache: ApiCache, training_id: UUID, principal: Caller
+) -> Training:
     """A training its owner or one of its participants asks about; anyone else gets `NotFound`."""
     training = await session.get(Training, training_id)
     if training is not None and (
-        training.owner_id == principal.id or await _is_participant(session, training_id, principal.id)
+        training.owner_id == principal.id or principal.id in await cache.participants(session, training_id)
     ):
         return training
     raise NotFound(f"training {training_id} does not exist")
-
-
-async def _is_participant(session: AsyncSession, training_id: UUID, client_id: UUID) -> bool:
-    found = await session.scalar(
-        select(Participant.client_id).where(
-            Participant.training_id == training_id, Participant.client_id == client_id
-        )
-    )
-    return found is not None
 
 
 async def training_view(session: AsyncSession, training: Training) -> TrainingView:
@@ -420,7 +423,7 @@ def start_message_id(training_id: UUID) -> UUID:
     return uuid5(_START_NAMESPACE, str(training_id))
 
 
-async def request_start(uow: UnitOfWork, training_id: UUID, actor: Principal) -> TrainingView:
+async def request_start(uow: UnitOfWork, training_id: UUID, actor: Caller) -> TrainingView:
     """Ask the orchestrator to start an INITIAL training; only its owner may."""
     session = uow.session
     training = await session.get(Training, training_id)
@@ -526,18 +529,25 @@ class UpdateReceipt:
     duplicate: bool
 
 
-async def participant_training(session: AsyncSession, training_id: UUID, client_id: UUID) -> Training:
+async def participant_training(
+    session: AsyncSession, cache: ApiCache, training_id: UUID, client_id: UUID
+) -> Training:
     """The training a client reports to: it must exist and the client must take part in it."""
     training = await session.get(Training, training_id)
     if training is None:
         raise NotFound(f"training {training_id} does not exist")
-    if not await _is_participant(session, training_id, client_id):
+    if client_id not in await cache.participants(session, training_id):
         raise NotAParticipant(f"client {client_id} is not a participant of training {training_id}")
     return training
 
 
 async def receive_update(
-    uow: UnitOfWork, blobs: BlobStore, training: Training, client_id: UUID, doc: TensorDocument
+    uow: UnitOfWork,
+    blobs: BlobStore,
+    cache: ApiCache,
+    training: Training,
+    client_id: UUID,
+    doc: TensorDocument,
 ) -> UpdateReceipt:
     """Accept a client's update for the open round, all or nothing; a repeat answers the first one."""
     session = uow.session
@@ -546,7 +556,7 @@ async def receive_update(
         return repeat
     num_examples = _integer(doc.fields, "num_examples", minimum=1)
     metrics = _metrics(doc.fields.get("metrics"))
-    model = await _current_model(session, training)
+    model = await _current_model(session, cache, training)
     spec, excluded = _update_spec(training, model)
     data = await offload(doc.size, _canonical_update, doc, spec, excluded)
     update_id = uuid4()
@@ -560,6 +570,7 @@ async def receive_update(
 async def receive_streamed_update(
     uow: UnitOfWork,
     blobs: BlobStore,
+    cache: ApiCache,
     training: Training,
     client_id: UUID,
     reader: TensorDocumentReader,
@@ -576,7 +587,8 @@ async def receive_streamed_update(
     while isinstance(item, StreamedField):
         fields[item.name] = item.value
         item = await reader.next_item()
-    if "round" in fields or item is None:
+    checked = "round" in fields or item is None
+    if checked:
         repeat = await _repeat_or_closed(session, training, client_id, fields)
         if repeat is not None:
             return repeat
@@ -585,7 +597,7 @@ async def receive_streamed_update(
         _metrics(fields.get("metrics"))
         parse_tensor_map(None)  # raises: the body has no tensor map
         raise AssertionError("unreachable")
-    model = await _current_model(session, training)
+    model = await _current_model(session, cache, training)
     update_id = uuid4()
     key = update_key(update_id)
     written = Written(fields)
@@ -594,10 +606,13 @@ async def receive_streamed_update(
     async with aclosing(canonical) as chunks:
         await blobs.put_stream(key, chunks)
     uow.on_rollback(lambda: blobs.delete(key))
-    repeat = await _repeat_or_closed(session, training, client_id, fields)
-    if repeat is not None:
-        await blobs.delete(key)
-        return repeat
+    # Checked before the tensors already, a repeat or a close since is caught by the insert or the
+    # recheck in `_record_update` (which answer the same); otherwise check now.
+    if not checked:
+        repeat = await _repeat_or_closed(session, training, client_id, fields)
+        if repeat is not None:
+            await blobs.delete(key)
+            return repeat
     num_examples = _integer(fields, "num_examples", minimum=1)
     metrics = _metrics(fields.get("metrics"))
     stored = _Stored(update_id=update_id, key=key, digest=written.digest, size=written.size)
@@ -612,8 +627,8 @@ class _Stored:
     size: int
 
 
-async def _current_model(session: AsyncSession, training: Training) -> Model:
-    model = await session.get(Model, training.current_model_id)
+async def _current_model(session: AsyncSession, cache: ApiCache, training: Training) -> ModelFacts:
+    model = await cache.model(session, training.current_model_id)
     if model is None:
         raise NotFound(f"model {training.current_model_id} of training {training.id} does not exist")
     return model
@@ -692,7 +707,7 @@ async def _record_update(
     return UpdateReceipt(update_id=update_id, round=round_, duplicate=False)
 
 
-def _update_spec(training: Training, model: Model) -> tuple[TensorSpec, ExcludedTensors]:
+def _update_spec(training: Training, model: ModelFacts) -> tuple[TensorSpec, ExcludedTensors]:
     """What an update must hold: the model's tensors but those the training's `exclude_vars` matches."""
     full = _spec(model.spec)
     pattern = training.exclude_vars
@@ -712,11 +727,11 @@ def _canonical_update(doc: TensorDocument, spec: TensorSpec, excluded: ExcludedT
 
 
 async def receive_test_metrics(
-    uow: UnitOfWork, training_id: UUID, client_id: UUID, report: Mapping[str, Any]
+    uow: UnitOfWork, cache: ApiCache, training_id: UUID, client_id: UUID, report: Mapping[str, Any]
 ) -> Receipt:
     """Record a client's evaluation of the round's model while the round is testing."""
     session = uow.session
-    training = await participant_training(session, training_id, client_id)
+    training = await participant_training(session, cache, training_id, client_id)
     round_ = _integer(report, "round", minimum=None)
     if await _existing_test_metric(session, training_id, round_, client_id):
         return Receipt(round=round_, duplicate=True)

@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.auth import principal_for_token
+from shared.auth import PrincipalCache, caller_for_token
 from shared.db.uow import UnitOfWorkFactory
 from shared.errors import FedhubError, Unauthenticated
 
@@ -59,10 +59,10 @@ class ErrorMappingRoute(APIRoute):
         return mapped
 
 
-async def authenticate(uow: UnitOfWorkFactory, token: str) -> UUID:
-    """The id of the principal `token` belongs to, or `Unauthenticated`."""
+async def authenticate(uow: UnitOfWorkFactory, token: str, cache: PrincipalCache | None = None) -> UUID:
+    """The id of the principal `token` belongs to (from `cache` when it knows), or `Unauthenticated`."""
     if not token:
         raise Unauthenticated("empty bearer token")
     async with uow() as unit:
-        principal = await principal_for_token(unit.session, token)
-        return principal.id
+        caller = await caller_for_token(unit.session, token, cache)
+        return caller.id

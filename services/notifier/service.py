@@ -20,6 +20,7 @@ from services.notifier.handlers import notifier_handlers
 from services.notifier.settings import NotifierSettings
 from services.notifier.sse import Hub, events_router
 from services.notifier.webhooks import WebhookWorker, webhook_router
+from shared.auth import PrincipalCache
 from shared.bus.base import Envelope
 from shared.http_metrics import RequestMetrics, metrics_response
 from shared.logging import configure_logging
@@ -43,9 +44,12 @@ class Notifier:
         self.consumer = Consumer(
             "notifier", notifier_handlers(self.hub.publish, self.webhooks.wake), runtime.uow
         )
+        self.principals = PrincipalCache(settings.auth_cache_s)
         self.router = APIRouter()
-        self.router.include_router(events_router(self.hub, runtime.uow, settings.keepalive_s))
-        self.router.include_router(webhook_router(runtime.uow))
+        self.router.include_router(
+            events_router(self.hub, runtime.uow, settings.keepalive_s, self.principals)
+        )
+        self.router.include_router(webhook_router(runtime.uow, self.principals))
         self._started = False
         self._stopping = False
         self._in_flight = 0

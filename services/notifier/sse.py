@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from services.notifier.deps import ErrorMappingRoute, NotifierStopping, authenticate
 from services.notifier.models import Notification, NotificationReceiver
 from services.notifier.payloads import KEEPALIVE, LiveNotification, dumps, sse_frame
-from shared.auth import bearer_token
+from shared.auth import PrincipalCache, bearer_token
 from shared.db.uow import UnitOfWorkFactory
 from shared.errors import MalformedPayload
 from shared.metrics import REGISTRY
@@ -262,8 +262,10 @@ async def _until_disconnect(receive: Receive) -> None:
         pass
 
 
-def events_router(hub: Hub, uow: UnitOfWorkFactory, keepalive_s: float) -> APIRouter:
-    """The `GET /v1/events` route over `hub` and the database behind `uow`."""
+def events_router(
+    hub: Hub, uow: UnitOfWorkFactory, keepalive_s: float, principals: PrincipalCache | None = None
+) -> APIRouter:
+    """The `GET /v1/events` route over `hub` and the database behind `uow` (callers from `principals`)."""
     router = APIRouter(route_class=ErrorMappingRoute, tags=["notifications"])
 
     @router.get("/v1/events", status_code=200, response_class=EventStreamResponse, response_model=None)
@@ -281,7 +283,7 @@ def events_router(hub: Hub, uow: UnitOfWorkFactory, keepalive_s: float) -> APIRo
             token = access_token
         else:
             token = bearer_token(authorization)
-        principal_id = await authenticate(uow, token)
+        principal_id = await authenticate(uow, token, principals)
         after = _parse_last_event_id(
             last_event_id_header if last_event_id_header is not None else last_event_id
         )

@@ -24,7 +24,7 @@ from services.notifier.models import Notification, Webhook, WebhookDelivery
 from services.notifier.payloads import dumps
 from services.notifier.settings import NotifierSettings
 from services.notifier.signing import sign
-from shared.auth import bearer_token
+from shared.auth import PrincipalCache, bearer_token
 from shared.db.uow import UnitOfWorkFactory
 from shared.errors import Conflict, NotFound
 from shared.events import utcnow
@@ -75,12 +75,12 @@ def _out(hook: Webhook) -> WebhookOut:
     )
 
 
-def webhook_router(uow: UnitOfWorkFactory) -> APIRouter:
+def webhook_router(uow: UnitOfWorkFactory, principals: PrincipalCache | None = None) -> APIRouter:
     """The caller's own webhook: `PUT`, `GET` and `DELETE /v1/webhook`."""
     router = APIRouter(route_class=ErrorMappingRoute, tags=["notifications"])
 
     async def caller(authorization: Annotated[str | None, Header()] = None) -> UUID:
-        return await authenticate(uow, bearer_token(authorization))
+        return await authenticate(uow, bearer_token(authorization), principals)
 
     @router.put("/v1/webhook")
     async def put_webhook(body: WebhookIn, principal_id: Annotated[UUID, Depends(caller)]) -> WebhookOut:

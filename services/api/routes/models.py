@@ -7,7 +7,7 @@ from uuid import UUID
 from fastapi import APIRouter, Request, Response, status
 
 from services.api import service
-from services.api.deps import BlobsDep, CurrentActor, CurrentPrincipal, SettingsDep, UowDep
+from services.api.deps import BlobsDep, CacheDep, CurrentActor, CurrentPrincipal, SettingsDep, UowDep
 from services.api.schemas import (
     JSON,
     MSGPACK,
@@ -79,9 +79,9 @@ async def upload_model(
 
 
 @router.get("/{model_id}")
-async def get_model(model_id: UUID, principal: CurrentPrincipal, uow: UowDep) -> ModelOut:
+async def get_model(model_id: UUID, principal: CurrentPrincipal, uow: UowDep, cache: CacheDep) -> ModelOut:
     """A model's metadata (and its round's record): any model for actors, their trainings' for clients."""
-    model = await service.visible_model(uow.session, model_id, principal)
+    model = await service.visible_model(uow.session, cache, model_id, principal)
     return model_out(model, await service.count_members(uow.session, model_id))
 
 
@@ -91,17 +91,24 @@ async def get_model(model_id: UUID, principal: CurrentPrincipal, uow: UowDep) ->
     responses={200: {"content": {MSGPACK: {}, JSON: {}}, "description": "the tensor payload"}},
 )
 async def get_weights(
-    model_id: UUID, request: Request, principal: CurrentPrincipal, uow: UowDep, blobs: BlobsDep
+    model_id: UUID,
+    request: Request,
+    principal: CurrentPrincipal,
+    uow: UowDep,
+    blobs: BlobsDep,
+    cache: CacheDep,
 ) -> Response:
     """A model's tensors: the stored msgpack bytes as they are, or JSON+base64 when JSON is accepted."""
-    blob = await service.model_weights(uow.session, blobs, model_id, principal)
+    blob = await service.model_weights(uow.session, blobs, cache, model_id, principal)
     return await _tensor_response(blob, request)
 
 
 @router.get("/{model_id}/members", responses={404: {"model": ErrorOut}})
-async def get_members(model_id: UUID, principal: CurrentPrincipal, uow: UowDep) -> list[MemberOut]:
+async def get_members(
+    model_id: UUID, principal: CurrentPrincipal, uow: UowDep, cache: CacheDep
+) -> list[MemberOut]:
     """An ensemble model's members in order (empty for other models)."""
-    members = await service.model_members(uow.session, model_id, principal)
+    members = await service.model_members(uow.session, cache, model_id, principal)
     return [
         MemberOut(
             index=m.index,
@@ -123,10 +130,16 @@ async def get_members(model_id: UUID, principal: CurrentPrincipal, uow: UowDep) 
     },
 )
 async def get_member_weights(
-    model_id: UUID, index: int, request: Request, principal: CurrentPrincipal, uow: UowDep, blobs: BlobsDep
+    model_id: UUID,
+    index: int,
+    request: Request,
+    principal: CurrentPrincipal,
+    uow: UowDep,
+    blobs: BlobsDep,
+    cache: CacheDep,
 ) -> Response:
     """One ensemble member's tensors, encoded as model downloads are."""
-    blob = await service.member_weights(uow.session, blobs, model_id, index, principal)
+    blob = await service.member_weights(uow.session, blobs, cache, model_id, index, principal)
     return await _tensor_response(blob, request)
 
 

@@ -7,7 +7,7 @@ from uuid import UUID
 from fastapi import APIRouter, status
 
 from services.api import service
-from services.api.deps import CurrentActor, CurrentPrincipal, UowDep
+from services.api.deps import CacheDep, CurrentActor, CurrentPrincipal, UowDep
 from services.api.schemas import ErrorOut, RejectedOut, RoundOut, TrainingCreate, TrainingOut
 from services.api.service import RoundView, TrainingView
 
@@ -75,9 +75,11 @@ async def create_training(body: TrainingCreate, actor: CurrentActor, uow: UowDep
 
 
 @router.get("/{training_id}", responses={404: {"model": ErrorOut}})
-async def get_training(training_id: UUID, principal: CurrentPrincipal, uow: UowDep) -> TrainingOut:
+async def get_training(
+    training_id: UUID, principal: CurrentPrincipal, uow: UowDep, cache: CacheDep
+) -> TrainingOut:
     """A training, for its owner or its participants."""
-    training = await service.visible_training(uow.session, training_id, principal)
+    training = await service.visible_training(uow.session, cache, training_id, principal)
     return training_out(await service.training_view(uow.session, training))
 
 
@@ -92,7 +94,9 @@ async def start_training(training_id: UUID, actor: CurrentActor, uow: UowDep) ->
 
 
 @router.get("/{training_id}/rounds", responses={404: {"model": ErrorOut}})
-async def get_rounds(training_id: UUID, principal: CurrentPrincipal, uow: UowDep) -> list[RoundOut]:
+async def get_rounds(
+    training_id: UUID, principal: CurrentPrincipal, uow: UowDep, cache: CacheDep
+) -> list[RoundOut]:
     """Every round so far with its example-weighted mean train and test metrics."""
-    training = await service.visible_training(uow.session, training_id, principal)
+    training = await service.visible_training(uow.session, cache, training_id, principal)
     return [round_out(view) for view in await service.round_summaries(uow.session, training)]

@@ -8,7 +8,7 @@ from uuid import UUID
 from fastapi import APIRouter, Body, Request, Response, status
 
 from services.api import service
-from services.api.deps import BlobsDep, CurrentClient, SettingsDep, UowDep
+from services.api.deps import BlobsDep, CacheDep, CurrentClient, SettingsDep, UowDep
 from services.api.schemas import (
     JSON,
     MSGPACK,
@@ -53,17 +53,18 @@ async def upload_update(
     uow: UowDep,
     blobs: BlobsDep,
     settings: SettingsDep,
+    cache: CacheDep,
 ) -> UpdateAccepted:
     """Upload this client's model update for the open round (201), or learn the first one's id (200)."""
     fmt = payload_format(request.headers.get("content-type"))
     client_id = client.id
-    training = await service.participant_training(uow.session, training_id, client_id)
+    training = await service.participant_training(uow.session, cache, training_id, client_id)
     if fmt is PayloadFormat.MSGPACK:
         reader = TensorDocumentReader(request_chunks(request, settings.max_upload_bytes))
-        receipt = await service.receive_streamed_update(uow, blobs, training, client_id, reader)
+        receipt = await service.receive_streamed_update(uow, blobs, cache, training, client_id, reader)
     else:
         doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
-        receipt = await service.receive_update(uow, blobs, training, client_id, doc)
+        receipt = await service.receive_update(uow, blobs, cache, training, client_id, doc)
     if receipt.duplicate:
         response.status_code = status.HTTP_200_OK
     return UpdateAccepted(update_id=receipt.update_id, round=receipt.round, duplicate=receipt.duplicate)
@@ -80,9 +81,10 @@ async def report_test_metrics(
     response: Response,
     client: CurrentClient,
     uow: UowDep,
+    cache: CacheDep,
 ) -> MetricsAccepted:
     """Report this client's evaluation of the round's model while the round is testing."""
-    receipt = await service.receive_test_metrics(uow, training_id, client.id, report)
+    receipt = await service.receive_test_metrics(uow, cache, training_id, client.id, report)
     if receipt.duplicate:
         response.status_code = status.HTTP_200_OK
     return MetricsAccepted(round=receipt.round, duplicate=receipt.duplicate)

@@ -1,0 +1,145 @@
+"""What the API reads on every client request and never changes once written, kept in memory.
+
+* Model rows: a model (blob key, spec, training) is never updated once committed.
+* A training's participants: fixed when the training is created (no API changes them).
+* Model blobs: content-addressed (`sha256/<hex>`), so a key's bytes never change; every client of
+  a round downloads the same global model.
+
+Each is a bounded LRU; an entry is only ever a fact that was committed, so the cache needs no
+invalidation and stays right across API replicas. What does change (a training's state, phase and
+round) is always read from the database.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.blobs import BlobStore
+from shared.db.models import Model, Participant
+from shared.metrics import REGISTRY
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+CACHE_LOOKUPS = REGISTRY.counter(
+    "fedhub_api_cache_lookups_total",
+    "The API's caches of immutable rows and blobs: hits and misses",
+    ("cache", "result"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """The immutable part of a model row that requests need."""
+
+    id: UUID
+    blob_key: str
+    training_id: UUID | None
+    spec: Mapping[str, Any]
+
+
+class Lru(Generic[K, V]):
+    """A mapping that keeps the `size` entries used last."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: K) -> V | None:
+        """The entry, now the most recently used; None when absent."""
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        """Keep `value`, dropping the least recently used entries beyond `size`."""
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+class ApiCache:
+    """The API process's caches of immutable rows and blobs (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        models: int = 4096,
+        trainings: int = 1024,
+        blob_bytes: int = 16 * 1024 * 1024,
+        largest_blob: int = 2 * 1024 * 1024,
+    ) -> None:
+        self._models: Lru[UUID, ModelFacts] = Lru(models)
+        self._participants: Lru[UUID, frozenset[UUID]] = Lru(trainings)
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()
+        self._blob_bytes = 0
+        self.max_blob_bytes = blob_bytes
+        self.largest_blob = largest_blob
+
+    async def model(self, session: AsyncSession, model_id: UUID) -> ModelFacts | None:
+        """A model's immutable facts; None when no such model is committed."""
+        return await _cached(self._models, "model", model_id, lambda: _load_model(session, model_id))
+
+    async def participants(self, session: AsyncSession, training_id: UUID) -> frozenset[UUID]:
+        """The clients of a training (empty when there is no such training)."""
+        found = await _cached(
+            self._participants, "participants", training_id, lambda: _load_participants(session, training_id)
+        )
+        return found or frozenset()
+
+    async def model_blob(self, blobs: BlobStore, key: str) -> bytes:
+        """A model blob's bytes; content-addressed ones up to `largest_blob` bytes are kept."""
+        data = self._blobs.get(key)
+        if data is not None:
+            self._blobs.move_to_end(key)
+            CACHE_LOOKUPS.inc(cache="blob", result="hit")
+            return data
+        data = await blobs.get(key)
+        CACHE_LOOKUPS.inc(cache="blob", result="miss")
+        if key.startswith("sha256/") and len(data) <= self.largest_blob:
+            self._blobs[key] = data
+            self._blob_bytes += len(data)
+            while self._blob_bytes > self.max_blob_bytes:
+                _, dropped = self._blobs.popitem(last=False)
+                self._blob_bytes -= len(dropped)
+        return data
+
+
+async def _cached(lru: Lru[K, V], name: str, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+    value = lru.get(key)
+    if value is not None:
+        CACHE_LOOKUPS.inc(cache=name, result="hit")
+        return value
+    CACHE_LOOKUPS.inc(cache=name, result="miss")
+    value = await load()
+    if value:  # only what was found: a training or model created later must not hit a stale miss
+        lru.put(key, value)
+    return value
+
+
+async def _load_model(session: AsyncSession, model_id: UUID) -> ModelFacts | None:
+    row = (
+        await session.execute(
+            select(Model.id, Model.blob_key, Model.training_id, Model.spec).where(Model.id == model_id)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return ModelFacts(id=row.id, blob_key=row.blob_key, training_id=row.training_id, spec=row.spec)
+
+
+async def _load_participants(session: AsyncSession, training_id: UUID) -> frozenset[UUID]:
+    rows = await session.scalars(select(Participant.client_id).where(Participant.training_id == training_id))
+    return frozenset(rows.all())
