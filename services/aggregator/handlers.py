@@ -486,10 +486,9 @@ async def _mark_deleted(job: AggregateRound, blobs: BlobStore, uow: UnitOfWork) 
 
 async def _delete_blobs(blobs: BlobStore, keys: Sequence[str]) -> None:
     """Delete update blobs after the commit that marked them deleted; best effort, never raises."""
-    for key in keys:
-        try:
-            await blobs.delete(key)
-        except Exception as exc:
-            # Raising here would fail a delivery whose effects are committed; the row says deleted,
-            # so a leftover file is garbage to sweep, not state.
-            log.warning("update_blob.delete_failed", blob_key=key, error=f"{type(exc).__name__}: {exc}")
+    try:
+        await blobs.delete_many(keys)
+    except Exception as exc:
+        # Raising here would fail a delivery whose effects are committed; the rows say deleted,
+        # so a leftover file is garbage to sweep, not state.
+        log.warning("update_blob.delete_failed", blobs=len(keys), error=f"{type(exc).__name__}: {exc}")

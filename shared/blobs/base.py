@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from uuid import UUID
 
 from shared.errors import NotFound
@@ -56,6 +56,11 @@ class BlobStore(ABC):
     @abstractmethod
     async def exists(self, key: str) -> bool:
         """Whether `key` has bytes."""
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove every key (missing ones are not an error); stores override it to do it in one go."""
+        for key in keys:
+            await self.delete(key)
 
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> bool:
         """Store the concatenated `chunks` under `key` atomically; False when the key already existed.

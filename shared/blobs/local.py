@@ -7,7 +7,7 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -109,6 +109,11 @@ class LocalBlobStore(BlobStore):
         path = self._path(key)
         await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Unlink every file in one call off the loop; every key is tried, the first error raised after."""
+        paths = [self._path(key) for key in keys]
+        await asyncio.to_thread(_unlink_all, paths)
+
     async def exists(self, key: str) -> bool:
         """Whether the file exists."""
         return await asyncio.to_thread(self._path(key).exists)
@@ -139,6 +144,17 @@ def _publish(tmp: str, path: Path) -> bool:
 
 
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _unlink_all(paths: Sequence[Path]) -> None:
+    failure: OSError | None = None
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def _unlink(tmp: str) -> None:

@@ -7,7 +7,7 @@ database it already uses. A blob is written in one transaction, so a reader sees
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from sqlalchemy import (
     BigInteger,
@@ -185,6 +185,16 @@ class PostgresBlobStore(BlobStore):
         async with self.engine.begin() as conn:
             await conn.execute(delete(blob_chunk_table).where(blob_chunk_table.c.key == key))
             await conn.execute(delete(blob_table).where(blob_table.c.key == key))
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove the blobs and their chunks in one transaction; missing keys are not an error."""
+        for key in keys:
+            check_key(key)
+        if not keys:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(blob_chunk_table).where(blob_chunk_table.c.key.in_(keys)))
+            await conn.execute(delete(blob_table).where(blob_table.c.key.in_(keys)))
 
     async def exists(self, key: str) -> bool:
         """Whether a complete blob is stored under `key`."""

@@ -186,3 +186,15 @@ async def test_abc_fallbacks_stream_through_put_and_get():
     assert b"".join(chunks) == data and max(len(c) for c in chunks) <= MiB
     with pytest.raises(BlobNotFound):
         await anext(aiter(blobs.open_stream(key())))
+
+
+async def test_delete_many_removes_present_keys_and_ignores_missing_ones(store):
+    """`delete_many` removes every listed blob; absent keys and an empty list are no error."""
+    kept, gone = key(), [key(), key(), key()]
+    for k in [kept, *gone]:
+        await store.put(k, b"bytes of " + k.encode())
+    await store.delete_many([*gone, key()])
+    await store.delete_many([])
+    for k in gone:
+        assert await store.exists(k) is False
+    assert await store.get(kept) == b"bytes of " + kept.encode()
