@@ -83,7 +83,8 @@ class Consumer:
             try:
                 async with self._uow() as uow:
                     await self._handlers[cls](message, uow)
-                    if not await uow.claim_inbox(self.name, envelope.message_id):
+                    # A message that changed nothing needs no inbox row (see `changed_nothing`).
+                    if not uow.unchanged and not await uow.claim_inbox(self.name, envelope.message_id):
                         raise _Duplicate
             except _Duplicate:
                 log.info("message.duplicate_dropped")

@@ -50,12 +50,19 @@ async def on_start_training(command: StartTraining, uow: UnitOfWork) -> None:
 
 
 async def on_update_received(event: UpdateReceived, uow: UnitOfWork) -> None:
-    """Count the round's updates; with all participants in, emit the aggregation job."""
+    """Count the round's updates; with all participants in, emit the aggregation job.
+
+    Every update but the round's last changes nothing: no inbox row then (`changed_nothing`).
+    """
     repo = TrainingRepository(uow.session)
     training, view = await repo.load(event.training_id)
     received = await repo.count_updates(training.id, event.round)
     now = utcnow()
-    await _attempt(uow, repo, training, lambda: machine.update_received(view, event.round, received), now)
+    applied = await _attempt(
+        uow, repo, training, lambda: machine.update_received(view, event.round, received), now
+    )
+    if not applied:
+        uow.changed_nothing()
 
 
 async def on_model_aggregated(event: ModelAggregated, uow: UnitOfWork) -> None:
@@ -86,12 +93,16 @@ async def on_aggregation_failed(event: AggregationFailed, uow: UnitOfWork) -> No
 
 
 async def on_test_metrics_received(event: TestMetricsReceived, uow: UnitOfWork) -> None:
-    """Count the round's test reports; with all participants in, move on."""
+    """Count the round's test reports; with all participants in, move on (else: changed nothing)."""
     repo = TrainingRepository(uow.session)
     training, view = await repo.load(event.training_id)
     reported = await repo.count_test_reports(training.id, event.round)
     now = utcnow()
-    await _attempt(uow, repo, training, lambda: machine.test_reported(view, event.round, reported, now), now)
+    applied = await _attempt(
+        uow, repo, training, lambda: machine.test_reported(view, event.round, reported, now), now
+    )
+    if not applied:
+        uow.changed_nothing()
 
 
 async def check_deadline(training_id: UUID, uow: UnitOfWork) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
@@ -12,6 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.orchestrator.machine import Step, TrainingView
 from shared.db.models import ClientUpdate, Participant, TestMetric, Training, TrainingRound
 from shared.errors import Conflict, NotFound
+
+_PARTICIPANTS: OrderedDict[UUID, int] = OrderedDict()
+"""Participants per training: a fact that never changes once the training exists (a per-process LRU)."""
+_PARTICIPANTS_KEPT = 4096
 
 
 class ConcurrentTransition(Conflict):
@@ -31,10 +36,22 @@ class TrainingRepository:
         )
         if training is None:
             raise NotFound(f"training {training_id} does not exist")
-        participants = await self.session.scalar(
+        return training, view_of(training, await self.participants(training_id))
+
+    async def participants(self, training_id: UUID) -> int:
+        """How many clients take part (fixed at creation: counted once per process and training)."""
+        known = _PARTICIPANTS.get(training_id)
+        if known is not None:
+            _PARTICIPANTS.move_to_end(training_id)
+            return known
+        n = await self.session.scalar(
             select(func.count()).select_from(Participant).where(Participant.training_id == training_id)
         )
-        return training, view_of(training, participants or 0)
+        if n:
+            _PARTICIPANTS[training_id] = n
+            while len(_PARTICIPANTS) > _PARTICIPANTS_KEPT:
+                _PARTICIPANTS.popitem(last=False)
+        return n or 0
 
     async def count_updates(self, training_id: UUID, round_: int) -> int:
         """How many updates the round has (all of them: the aggregator rejects some only later)."""

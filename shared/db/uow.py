@@ -32,6 +32,7 @@ class UnitOfWork:
         self._on_commit = on_commit
         self._session: AsyncSession | None = None
         self._emitted = 0
+        self._unchanged = False
         self._after_commit: list[Callable[[], Awaitable[None] | None]] = []
         self._on_rollback: list[Callable[[], Awaitable[None]]] = []
 
@@ -50,6 +51,7 @@ class UnitOfWork:
     async def __aenter__(self) -> Self:
         self._session = self._sessions()
         self._emitted = 0
+        self._unchanged = False
         self._after_commit = []
         self._on_rollback = []
         return self
@@ -96,6 +98,24 @@ class UnitOfWork:
         that then never commits: a refused request must leave no bytes behind.
         """
         self._on_rollback.append(callback)
+
+    def changed_nothing(self) -> None:
+        """Declare that this unit of work writes nothing (a message that moved nothing along).
+
+        A consumer then records no inbox row for the message it is handling: applying it again
+        changes nothing either, so there is nothing to deduplicate, and the transaction stays
+        read-only (no write lock, nothing to commit). Emitting a message or leaving ORM changes
+        pending overrides the declaration.
+        """
+        self._unchanged = True
+
+    @property
+    def unchanged(self) -> bool:
+        """True when `changed_nothing` was declared and nothing was emitted or added since."""
+        session = self.session
+        return (
+            self._unchanged and self._emitted == 0 and not (session.new or session.dirty or session.deleted)
+        )
 
     def emit(
         self, message: Message, *, correlation_id: UUID | None = None, message_id: UUID | None = None

@@ -17,6 +17,7 @@ from shared.bus.base import envelope_for
 from shared.codec import decode_message
 from shared.db.models import (
     ClientUpdate,
+    InboxMessage,
     Model,
     OutboxMessage,
     Participant,
@@ -229,3 +230,31 @@ async def test_two_orchestrators_cannot_advance_the_same_version_twice(runtime: 
         with pytest.raises(ConcurrentTransition):
             await TrainingRepository(b.session).apply(tb, start(vb, now), now)
     assert (await _state(runtime, training_id)).version == 1
+
+
+async def test_updates_before_the_last_leave_no_inbox_row_and_a_redelivered_last_one_no_second_job(
+    runtime: Runtime,
+) -> None:
+    """An update that does not complete the round changes nothing (no inbox row; handled again, it
+    still changes nothing); the completing one is claimed, and its redelivery emits no second job."""
+    consumer = Consumer("orchestrator", HANDLERS, runtime.uow)
+    training_id, clients = await _training(runtime, clients=3)
+    start_message = envelope_for(StartTraining(training_id=training_id, requested_by=uuid4()))
+    await consumer.handle(start_message)
+    await _outbox(runtime)
+    first = envelope_for(await _add_update(runtime, training_id, clients[0], 1))
+    await consumer.handle(first)
+    await consumer.handle(first)
+    assert await _inbox(runtime) == {start_message.message_id}
+    assert (await _state(runtime, training_id)).phase is RoundPhase.COLLECTING
+    await consumer.handle(envelope_for(await _add_update(runtime, training_id, clients[1], 1)))
+    last = envelope_for(await _add_update(runtime, training_id, clients[2], 1))
+    await consumer.handle(last)
+    await consumer.handle(last)
+    assert await _inbox(runtime) == {start_message.message_id, last.message_id}
+    assert [type(m) for m in await _outbox(runtime)] == [AggregateRound]
+
+
+async def _inbox(rt: Runtime) -> set[UUID]:
+    async with rt.uow() as uow:
+        return set(await uow.session.scalars(select(InboxMessage.message_id)))

@@ -13,10 +13,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from shared.bus import Envelope
-from shared.codec import decode_message
-from shared.db.models import OutboxMessage, Principal
+from shared.codec import decode_message, encode_message
+from shared.db.models import InboxMessage, OutboxMessage, Principal
 from shared.enums import Role
 from shared.events import AggregationFailed, UpdateReceived
+from shared.messaging import Consumer
 from shared.runtime import Runtime
 
 DEADLINE_S = 10.0
@@ -187,3 +188,47 @@ async def test_session_outside_the_block_is_refused(runtime):
         pass
     with pytest.raises(RuntimeError):
         _ = uow.session
+
+
+async def test_a_message_that_changed_nothing_leaves_no_inbox_row(runtime):
+    """`changed_nothing`: the consumer records no inbox row (applying it again changes nothing); a
+    handler that emitted or added rows anyway still gets its row, so a redelivery is dropped."""
+    received = await listen(runtime, UpdateReceived.routing_key)
+    emit = {"on": False}
+    applied: list[str] = []
+
+    async def handler(message: UpdateReceived, uow) -> None:
+        applied.append(str(message.update_id))
+        if emit["on"]:
+            uow.emit(update_received())
+        uow.changed_nothing()
+
+    consumer = Consumer("test-unchanged", {UpdateReceived: handler}, runtime.uow)
+    quiet = Envelope(
+        message_id=uuid4(),
+        type="UpdateReceived",
+        routing_key=UpdateReceived.routing_key,
+        body=encode_message(update_received()),
+    )
+    await consumer.handle(quiet)
+    await consumer.handle(quiet)
+    assert len(applied) == 2, "no inbox row: the redelivery runs the (effect-free) handler again"
+
+    async def inbox_rows() -> int:
+        async with runtime.uow() as uow:
+            return await uow.session.scalar(select(func.count()).select_from(InboxMessage)) or 0
+
+    assert await inbox_rows() == 0
+    emit["on"] = True
+    loud = Envelope(
+        message_id=uuid4(),
+        type="UpdateReceived",
+        routing_key=UpdateReceived.routing_key,
+        body=encode_message(update_received()),
+    )
+    await consumer.handle(loud)
+    await consumer.handle(loud)
+    assert await inbox_rows() == 1, "it emitted: the declaration is overridden and the inbox claimed"
+    await runtime.relay.drain()
+    await wait_until(lambda: len(received) >= 1, "the emitted message")
+    assert len(received) == 1, "the redelivery's emit was rolled back with it"
