@@ -14,6 +14,7 @@ from services.aggregator.methods import (
     NothingToAggregate,
     RoundContext,
     UpdateMismatch,
+    linear,
 )
 from shared.aggregation import AggregationMethod, FedAvgParams, FedProxParams
 
@@ -259,6 +260,163 @@ def test_params_of_another_method_are_refused():
     """A method built with another method's parameter model raises TypeError."""
     with pytest.raises(TypeError, match="FedAvgParams"):
         FedAvg(RoundContext(base={"w": torch.zeros(1)}, device=CPU), FedProxParams())
+
+
+# Windows: add_many -------------------------------------------------------------------------------
+
+
+def big_state(gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors of odd sizes larger than the (patched) fold block, a small one, a 0-d one, a counter."""
+    return {
+        "w": torch.randn(7, 1013, generator=gen).to(dtype),
+        "v": torch.randn(4099, generator=gen).to(dtype),
+        "b": torch.randn(5, generator=gen).to(dtype),
+        "s": torch.randn((), generator=gen).to(dtype),
+        "e": torch.zeros(0, 3, dtype=dtype),
+        "n": torch.randint(0, 100, (3,), generator=gen),
+    }
+
+
+def lerp_reference(updates, weights) -> dict[str, torch.Tensor]:
+    """The documented running mean, one whole-tensor lerp_ per update (float32 for the half types),
+    over the positive weights; integers as the rounded float64 weighted mean."""
+    acc: dict[str, torch.Tensor] = {}
+    total: dict[str, float] = {}
+    for update, weight in zip(updates, weights, strict=True):
+        if weight == 0:
+            continue
+        for name, t in update.items():
+            total[name] = total.get(name, 0.0) + weight
+            dtype = torch.float64 if not t.dtype.is_floating_point else linear.accumulation_dtype(t.dtype)
+            x = t.to(dtype)
+            if name not in acc:
+                acc[name] = x.clone() if t.dtype.is_floating_point else x * weight
+            elif t.dtype.is_floating_point:
+                acc[name].lerp_(x, weight / total[name])
+            else:
+                acc[name].add_(x, alpha=weight)
+    out = {}
+    for name, a in acc.items():
+        dtype = updates[0][name].dtype
+        out[name] = a.to(dtype) if dtype.is_floating_point else a.div_(total[name]).round_().to(dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("window", [1, 3, 4, 9])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_windows_give_the_sequential_lerp_result_bit_for_bit(dtype, window, threads, monkeypatch):
+    """Folding windows blockwise (a small block so that every tensor spans several) gives exactly
+    the whole-tensor lerp_ of each update in turn, with zero-weight (NaN) updates in the windows,
+    with one or two torch threads; and agrees with the float64 reference."""
+    monkeypatch.setattr(linear, "FOLD_BLOCK", 1000)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(window * 10 + threads)
+        base = big_state(gen, dtype)
+        updates = [big_state(gen, dtype) for _ in range(9)]
+        weights = [float(w) for w in torch.randint(1, 500, (9,), generator=gen)]
+        weights[4] = 0.0
+        updates[4]["w"] = torch.full_like(updates[4]["w"], float("nan"))
+        method = fedavg(base)
+        for start in range(0, 9, window):
+            method.add_many(updates[start : start + window], weights[start : start + window])
+        assert method.num_added == 9
+        got = method.result().model
+    finally:
+        torch.set_num_threads(previous)
+    want = lerp_reference(updates, weights)
+    kept = [(u, w) for u, w in zip(updates, weights, strict=True) if w > 0]
+    reference_f64 = reference([u for u, _ in kept], [w for _, w in kept])
+    rtol, atol = TOLERANCES[dtype]
+    for name, tensor in got.items():
+        assert tensor.dtype == dtype or name == "n", name
+        assert torch.equal(tensor, want[name]), name
+        expected = reference_f64[name] if tensor.dtype.is_floating_point else np.round(reference_f64[name])
+        np.testing.assert_allclose(tensor.double().numpy(), expected, rtol=rtol, atol=atol, err_msg=name)
+
+
+def test_windows_at_the_default_block_size_match_single_adds():
+    """A tensor several default blocks long, windows of 4 against one add per update: equal."""
+    gen = torch.Generator().manual_seed(3)
+    n = 2 * linear.FOLD_BLOCK + 17
+    base = {"w": torch.zeros(n, dtype=torch.bfloat16), "f": torch.zeros(n)}
+    updates = [
+        {"w": torch.randn(n, generator=gen).bfloat16(), "f": torch.randn(n, generator=gen)} for _ in range(6)
+    ]
+    weights = [3.0, 1.0, 7.0, 2.0, 2.0, 9.0]
+    windowed = fedavg(base)
+    windowed.add_many(updates[:4], weights[:4])
+    windowed.add_many(updates[4:], weights[4:])
+    one_by_one = aggregate(base, updates, weights)
+    for name, tensor in windowed.result().model.items():
+        assert torch.equal(tensor, one_by_one[name]), name
+
+
+def test_a_window_with_a_tensor_some_updates_lack():
+    """Per-tensor weights renormalise inside a window too; a tensor first seen mid-window starts there."""
+    base = {"a": torch.zeros(3), "c": torch.tensor([1.5, -2.0])}
+    u1 = {"a": torch.tensor([1.0, 2.0, 3.0])}
+    u2 = {"a": torch.tensor([4.0, 5.0, 6.0]), "c": torch.tensor([3.0, 3.0])}
+    u3 = {"a": torch.tensor([0.0, 0.0, 0.0]), "c": torch.tensor([6.0, 0.0])}
+    method = fedavg(base)
+    method.add_many([u1, u2, u3], [1.0, 2.0, 3.0])
+    result = method.result().model
+    np.testing.assert_allclose(result["a"].numpy(), [(1 + 8) / 6, (2 + 10) / 6, (3 + 12) / 6], rtol=1e-6)
+    np.testing.assert_allclose(result["c"].numpy(), [(6 + 18) / 5, 6 / 5], rtol=1e-6)
+
+
+def test_a_window_with_one_bad_update_is_refused_whole():
+    """A window holding one mismatching update or one invalid weight raises and folds none of it."""
+    base = {"w": torch.zeros(2)}
+    method = fedavg(base)
+    method.add({"w": torch.ones(2)}, 1.0)
+    with pytest.raises(UpdateMismatch, match="'w'"):
+        method.add_many([{"w": torch.full((2,), 5.0)}, {"w": torch.zeros(3)}], [1.0, 1.0])
+    with pytest.raises(InvalidWeight):
+        method.add_many([{"w": torch.full((2,), 5.0)}, {"w": torch.zeros(2)}], [1.0, -1.0])
+    with pytest.raises(ValueError, match="2 updates but 1 weights"):
+        method.add_many([{"w": torch.full((2,), 5.0)}, {"w": torch.zeros(2)}], [1.0])
+    assert method.num_added == 1
+    assert method.total_weight == 1.0
+    assert method.result().model["w"].tolist() == [1.0, 1.0]
+
+
+def test_check_refuses_what_add_refuses_and_folds_nothing():
+    """check() gives the effective weight, raises add's errors, and leaves the method as it was."""
+    method = fedavg({"w": torch.zeros(2)})
+    assert method.check({"w": torch.ones(2)}, 3) == 3.0
+    with pytest.raises(UpdateMismatch):
+        method.check({"w": torch.ones(2, dtype=torch.float64)}, 1.0)
+    with pytest.raises(InvalidWeight):
+        method.check({"w": torch.ones(2)}, float("nan"))
+    assert method.num_added == 0
+    assert method.folds_windows
+    with pytest.raises(NothingToAggregate):
+        method.result()
+
+
+def test_a_half_precision_update_is_converted_a_block_at_a_time():
+    """Folding bfloat16 updates allocates nothing larger than one float32 block (no whole-tensor
+    float32 copy), whatever the window; the accumulator itself is the only model-sized buffer."""
+    n = 4 * linear.FOLD_BLOCK
+    gen = torch.Generator().manual_seed(5)
+    updates = [{"w": torch.randn(n, generator=gen).bfloat16()} for _ in range(4)]
+    method = fedavg({"w": torch.zeros(n, dtype=torch.bfloat16)})
+    method.add(updates[0], 1.0)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        method.add_many(updates[1:3], [2.0, 3.0])
+        method.add(updates[3], 4.0)
+    allocations = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocations, "the profiler saw the conversion buffers"
+    assert max(allocations) <= linear.FOLD_BLOCK * 4
+    assert torch.equal(
+        method.result().model["w"],
+        aggregate({"w": torch.zeros(n, dtype=torch.bfloat16)}, updates, [1.0, 2.0, 3.0, 4.0])["w"],
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

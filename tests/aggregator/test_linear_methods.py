@@ -30,6 +30,7 @@ from services.aggregator.methods import (
     RoundContext,
     Swag,
     UpdateMismatch,
+    linear,
 )
 from shared.aggregation import (
     PARAMS,
@@ -321,6 +322,32 @@ def test_identical_updates(cls):
     if cls in (FedAvg, FedProx):
         for name in update:
             assert torch.equal(result.model[name], update[name]), name
+
+
+@pytest.mark.parametrize("window", [2, 4, 7])
+def test_windows_give_one_add_per_update_bit_for_bit(cls, window, monkeypatch):
+    """add_many over windows (blockwise on the CPU, one by one with a transform) gives the result
+    of one add per update exactly: model, state and record, a zero-weight NaN update included."""
+    monkeypatch.setattr(linear, "FOLD_BLOCK", 16)
+    gen = torch.Generator().manual_seed(14)
+    base = random_state(gen)
+    state_tensors = run(cls, base, [near(base, gen)], [5.0]).state  # server optimisers: a second round
+    updates = [near(base, gen) for _ in range(7)]
+    updates[3]["fc.weight"].fill_(float("nan"))
+    weights = [float(w) for w in torch.randint(1, 300, (7,), generator=gen)]
+    weights[3] = 0.0
+    one_by_one = run(cls, base, updates, weights, state=state_tensors, seed=5)
+    method = build(cls, base, state_tensors, seed=5)
+    assert method.folds_windows == (cls is not DPFedAvg)
+    for start in range(0, 7, window):
+        method.add_many(updates[start : start + window], weights[start : start + window])
+    windowed = method.result()
+    for name, tensor in one_by_one.model.items():
+        assert torch.equal(windowed.model[name], tensor), name
+    assert windowed.state.keys() == one_by_one.state.keys()
+    for key, tensor in one_by_one.state.items():
+        assert torch.equal(windowed.state[key], tensor), key
+    assert windowed.record == one_by_one.record
 
 
 def test_dtypes_are_kept(cls):

@@ -26,12 +26,16 @@ The whole state dict is averaged, buffers included, as `LinearMethod` accumulate
   BatchNorm's ``num_batches_tracked`` need.
 - bool: True where the weighted share of True is at least 0.5, i.e. ``sum_{k: w_k} n_k >= sum_k n_k / 2``.
 
-Memory
-------
+Memory and speed
+----------------
 One accumulator per tensor, allocated at the tensor's first contribution: about one model (in the
 accumulation dtypes) whatever the number of clients. A float32 update on a CPU device is folded in
-with one in-place ``lerp_`` per tensor, without a copy (only a tensor's first update is copied, into
-its accumulator).
+with in-place ``lerp_`` calls, without a copy (only a tensor's first update is copied, into its
+accumulator). `add_many` folds a window of updates in one pass over the accumulators, in blocks
+that stay in cache while every update of the window goes into them, and converts float16 and
+bfloat16 updates a block at a time (see `LinearMethod.add_many`): bit for bit the result of one
+`add` per update. The round pipeline holds ``FEDHUB_AGGREGATOR_FOLD_WINDOW`` decoded updates
+(default 4) before folding them: window + 1 models in memory, whatever the number of clients.
 """
 
 from __future__ import annotations
