@@ -16,8 +16,14 @@ the CPU work (run in a thread):
    tensors (in float64) must not exceed it. An update failing any of this is *rejected* with its
    reason: it is left out and the round goes on.
 3. Accepted updates go to the method on its device (`DeviceTransfer`: pinned, overlapped copies
-   on CUDA). The method's result gets the excluded tensors back from the base, in the base's order
-   (its ensemble members too).
+   on CUDA). A linear method that folds windows (`LinearMethod.folds_windows`: the CPU, no
+   per-update transform) gets them `fold_window` at a time (``FEDHUB_AGGREGATOR_FOLD_WINDOW``,
+   default `DEFAULT_FOLD_WINDOW`): each is checked as it comes (a refused one is rejected at once)
+   and held until the window is full, then `add_many` folds the window in one pass over the
+   accumulators. Memory: at most `fold_window` decoded updates plus the accumulator, window + 1
+   models, whatever the number of clients. Other methods get each update as it comes (`add`).
+   The method's result gets the excluded tensors back from the base, in the base's order (its
+   ensemble members too).
 
 A round split across jobs (`services.aggregator.split`) uses the same pipeline per part: a batch of
 a linear method ends in `partial()`, a shard of a coordinate-wise method (built with `tensors`)
@@ -153,11 +159,16 @@ def decode_state_dict(data: bytes, what: str) -> dict[str, torch.Tensor]:
         raise JobRejected(f"{what}: {exc.name}: {exc.detail}") from exc
 
 
+DEFAULT_FOLD_WINDOW = 4
+"""Decoded updates a round holds before a linear method folds them (``FEDHUB_AGGREGATOR_FOLD_WINDOW``)."""
+
+
 class RoundPipeline:
     """The synchronous core of a round: validate and convert each update, feed the method, finish.
 
     Built over the decoded base model; `offer` takes one update's bytes and returns the reason it
     was rejected (None when accepted); `finish` gives the outcome. Not thread-safe: one caller.
+    `fold_window`: updates held before a windowed linear method folds them (see the module doc).
     """
 
     def __init__(
@@ -170,7 +181,10 @@ class RoundPipeline:
         state: Mapping[str, torch.Tensor] | None = None,
         method_cls: type[Method] | None = None,
         tensors: Sequence[str] | None = None,
+        fold_window: int = DEFAULT_FOLD_WINDOW,
     ) -> None:
+        if fold_window < 1:
+            raise ValueError(f"fold_window must be at least 1, got {fold_window}")
         cls = method_cls if method_cls is not None else METHODS.get(spec.method)
         if cls is None:
             known = ", ".join(sorted(str(m) for m in METHODS))
@@ -192,6 +206,11 @@ class RoundPipeline:
         # Validation runs on the CPU over the decoded bytes; the method gets its tensors on the device
         # (pinned, overlapped copies on CUDA; the same tensors on the CPU).
         self._transfer = DeviceTransfer(device)
+        self._fold_window = fold_window
+        self._windowed: LinearMethod | None = None
+        if isinstance(self.method, LinearMethod) and self.method.folds_windows and fold_window > 1:
+            self._windowed = self.method
+        self._window: list[tuple[dict[str, torch.Tensor], float]] = []
         self.accepted: list[UpdateRef] = []
         self.rejected: list[Rejection] = []
         self.seconds: defaultdict[str, float] = defaultdict(float)
@@ -211,7 +230,7 @@ class RoundPipeline:
             update = self.prepare(records)
             validated = time.perf_counter()
             moved = self._transfer.to_device({name: update[name] for name in self._computed})
-            self.method.add(moved, float(ref.num_examples))
+            self._add(moved, float(ref.num_examples))
             self.seconds["decode"] += decoded - started
             self.seconds["validate"] += validated - decoded
             self.seconds["aggregate"] += time.perf_counter() - validated
@@ -280,6 +299,9 @@ class RoundPipeline:
             raise TypeError(
                 f"{type(self.method).__name__} is not a linear method: its rounds are not batched"
             )
+        started = time.perf_counter()
+        self._fold()
+        self.seconds["aggregate"] += time.perf_counter() - started
         return self.method.partial()
 
     def shard_result(self) -> Aggregate:
@@ -292,6 +314,7 @@ class RoundPipeline:
         """Fold another batch's partial in, with the updates that batch took and left out."""
         if not isinstance(self.method, LinearMethod):
             raise TypeError(f"{type(self.method).__name__} is not a linear method: it merges no batches")
+        self._fold()
         try:
             self.method.merge(partial)
         except (UpdateMismatch, InvalidWeight, ValueError) as exc:
@@ -330,7 +353,29 @@ class RoundPipeline:
         if not norm <= bound:
             raise UpdateRejected(f"update norm {norm:.6g} exceeds max_update_norm {bound:g}")
 
+    def _add(self, update: dict[str, torch.Tensor], weight: float) -> None:
+        """Hand an accepted update to the method: at once, or into the window (folded when full).
+
+        Raises what the method's `add` (or `check`) refuses the update with.
+        """
+        if self._windowed is None:
+            self.method.add(update, weight)
+            return
+        self._windowed.check(update, weight)
+        self._window.append((update, weight))
+        if len(self._window) >= self._fold_window:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold the held window into the method (checked already, so nothing is refused here)."""
+        if self._windowed is None or not self._window:
+            return
+        updates, weights = zip(*self._window, strict=True)
+        self._window.clear()
+        self._windowed.add_many(updates, weights)
+
     def _result(self) -> Aggregate:
+        self._fold()
         if not self.accepted:
             reasons = "; ".join(f"update {r.ref.update_id}: {r.reason}" for r in self.rejected)
             raise JobRejected(
@@ -405,11 +450,17 @@ async def read_update(blobs: BlobStore, ref: UpdateRef) -> bytes | None:
 
 
 async def open_round(
-    job: AggregateRound, blobs: BlobStore, device: torch.device, tensors: Sequence[str] | None = None
+    job: AggregateRound,
+    blobs: BlobStore,
+    device: torch.device,
+    tensors: Sequence[str] | None = None,
+    *,
+    fold_window: int = DEFAULT_FOLD_WINDOW,
 ) -> RoundPipeline:
     """Read and decode the job's base model and state and build its pipeline (off the event loop).
 
-    `tensors`: the shard this pipeline computes (None: every tensor the round aggregates).
+    `tensors`: the shard this pipeline computes (None: every tensor the round aggregates);
+    `fold_window`: see `RoundPipeline`.
     """
     spec = job_spec(job)
     base_bytes = await read_blob(blobs, job.base_blob_key, f"base model {job.base_model_id}")
@@ -429,6 +480,7 @@ async def open_round(
         seed=round_seed(job.training_id, job.round),
         state=state,
         tensors=tensors,
+        fold_window=fold_window,
     )
 
 
@@ -463,10 +515,12 @@ def _offer_all(pipeline: RoundPipeline, refs: Sequence[UpdateRef], datas: list[b
         pipeline.offer(ref, data)
 
 
-async def aggregate_round(job: AggregateRound, blobs: BlobStore, device: torch.device) -> RoundOutcome:
+async def aggregate_round(
+    job: AggregateRound, blobs: BlobStore, device: torch.device, *, fold_window: int = DEFAULT_FOLD_WINDOW
+) -> RoundOutcome:
     """Run a whole round: base, every update of the job, the method's result (see the module doc)."""
     if not job.updates:
         raise JobRejected("the job lists no updates")
-    pipeline = await open_round(job, blobs, device)
+    pipeline = await open_round(job, blobs, device, fold_window=fold_window)
     await feed(pipeline, job.updates, blobs)
     return await asyncio.to_thread(pipeline.finish)

@@ -18,7 +18,7 @@ class DeviceUnavailable(FedhubError):
 
 class AggregatorSettings(CommonSettings):
     """`FEDHUB_*` shared settings plus `FEDHUB_AGGREGATOR_DEVICE`, `_PREFETCH`, `_TORCH_THREADS`,
-    `_BATCH_SIZE` and `_SHARDS`."""
+    `_BATCH_SIZE`, `_SHARDS` and `_FOLD_WINDOW`."""
 
     # The aggregator's own fields read FEDHUB_AGGREGATOR_*: in embedded mode one environment
     # configures every service, and a service-specific name says whose `prefetch` it is.
@@ -58,6 +58,16 @@ class AggregatorSettings(CommonSettings):
         ge=1,
         validation_alias="FEDHUB_AGGREGATOR_SHARDS",
         description="shards of a split coordinate-wise round; unset: as many as batches would be",
+    )
+    fold_window: int = Field(
+        default=4,
+        ge=1,
+        validation_alias="FEDHUB_AGGREGATOR_FOLD_WINDOW",
+        description=(
+            "decoded updates a linear method's round holds before folding them in one pass over the "
+            "accumulator (CPU): memory is window + 1 models, whatever the number of clients; 1 folds "
+            "each update as it comes"
+        ),
     )
     health_host: str = Field(
         default="0.0.0.0",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,15 +13,19 @@ import pytest
 import torch
 
 from services.aggregator import pipeline as pipeline_module
+from services.aggregator.methods import DPFedAvg, FedAvg, RoundContext
 from services.aggregator.pipeline import (
+    DEFAULT_FOLD_WINDOW,
     JobRejected,
     RoundPipeline,
+    aggregate_round,
     feed,
     job_spec,
     round_seed,
     update_views,
 )
-from shared.aggregation import AggregationMethod, AggregationSpec
+from services.aggregator.settings import AggregatorSettings
+from shared.aggregation import AggregationMethod, AggregationSpec, MethodParams
 from shared.blobs import LocalBlobStore
 from shared.codec import decode_tensors, encode_tensors
 from shared.events import AggregateRound, UpdateRef
@@ -318,3 +322,124 @@ async def test_feed_reads_small_updates_in_batches_within_the_byte_budget(
     assert [r.update_id for r in p.accepted] == [r.update_id for r in refs if r is not refs[17]]
     assert [r.ref.update_id for r in p.rejected] == [refs[17].update_id]
     assert p.seconds["read"] > 0
+
+
+# Fold windows -----------------------------------------------------------------------------------------
+
+
+class WindowLog(FedAvg):
+    """FedAvg that records how many updates each `add_many` gets."""
+
+    def __init__(self, ctx: RoundContext, params: MethodParams) -> None:
+        super().__init__(ctx, params)
+        self.windows: list[int] = []
+
+    def add_many(self, updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> None:
+        """Record the window's size, then fold it."""
+        self.windows.append(len(updates))
+        super().add_many(updates, weights)
+
+
+class DPWindowLog(DPFedAvg):
+    """DP-FedAvg that records how many updates each `add_many` gets."""
+
+    def __init__(self, ctx: RoundContext, params: MethodParams) -> None:
+        super().__init__(ctx, params)
+        self.windows: list[int] = []
+
+    def add_many(self, updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> None:
+        """Record the window's size, then fold it."""
+        self.windows.append(len(updates))
+        super().add_many(updates, weights)
+
+
+def offer_round(p: RoundPipeline, refs: list[UpdateRef], blobs: list[bytes]) -> list[str | None]:
+    """Offer every update; the rejection reasons (None: accepted)."""
+    return [p.offer(r, b) for r, b in zip(refs, blobs, strict=True)]
+
+
+@pytest.mark.parametrize("window", [2, 3, 4, 16])
+def test_fold_windows_give_the_one_by_one_model_bit_for_bit(gen, window):
+    """A windowed round (rejections in the middle, a partial last window) gives exactly the model
+    of folding each update as it comes, with the same accepted and rejected updates; the method
+    never gets more than `window` updates at once."""
+    base = model(gen)
+    refs = [ref(num_examples=3 + i) for i in range(9)]
+    blobs = [encode(model(gen)) for _ in refs]
+    blobs[2] = b"not msgpack"
+    blobs[5] = encode({"body.weight": torch.zeros(5, 4)})  # missing tensors
+    spec = AggregationSpec(method="fedavg")
+    one = RoundPipeline(spec, base, device=CPU, seed=0, method_cls=WindowLog, fold_window=1)
+    many = RoundPipeline(spec, base, device=CPU, seed=0, method_cls=WindowLog, fold_window=window)
+    reasons = offer_round(one, refs, blobs)
+    assert offer_round(many, refs, blobs) == reasons
+    assert [r is None for r in reasons].count(False) == 2
+    a, b = one.finish(), many.finish()
+    assert a.accepted == b.accepted and a.rejected == b.rejected
+    for name, tensor in a.aggregate.model.items():
+        assert torch.equal(b.aggregate.model[name], tensor), name
+    assert isinstance(one.method, WindowLog) and isinstance(many.method, WindowLog)
+    assert one.method.windows == [1] * 7
+    assert max(many.method.windows) <= window
+    assert sum(many.method.windows) == 7
+    assert many.method.windows[:-1] == [window] * (len(many.method.windows) - 1)
+
+
+def test_a_batch_partial_folds_the_held_window_first(gen):
+    """partial() of a batch part folds the updates still held: they all count."""
+    base = model(gen)
+    p = RoundPipeline(AggregationSpec(), base, device=CPU, seed=0, fold_window=4)
+    for _ in range(3):
+        assert p.offer(ref(), encode(model(gen))) is None
+    assert p.partial().num_added == 3
+
+
+def test_a_method_with_a_transform_gets_one_update_at_a_time(gen):
+    """DP-FedAvg clips each update (a transform): no window is held, whatever fold_window says."""
+    base = {"w": torch.zeros(4), "b": torch.zeros(2)}
+    p = RoundPipeline(
+        AggregationSpec(method="dp_fedavg", params={"clip_norm": 5.0, "noise_multiplier": 0.0}),
+        base,
+        device=CPU,
+        seed=0,
+        method_cls=DPWindowLog,
+        fold_window=4,
+    )
+    for i in range(3):
+        update = {"w": torch.full((4,), float(i + 1)), "b": torch.zeros(2)}
+        assert p.offer(ref(), encode(update)) is None
+    assert isinstance(p.method, DPWindowLog)
+    assert p.method.windows == [1, 1, 1]
+    assert p.finish().aggregate.record["num_clipped"] == 1  # norms 2, 4 and 6 against 5
+
+
+def test_fold_window_setting_and_its_bounds():
+    """FEDHUB_AGGREGATOR_FOLD_WINDOW defaults to the pipeline's window; below 1 is refused."""
+    assert AggregatorSettings().fold_window == DEFAULT_FOLD_WINDOW
+    assert AggregatorSettings(FEDHUB_AGGREGATOR_FOLD_WINDOW=8).fold_window == 8
+    with pytest.raises(ValueError, match="fold_window"):
+        RoundPipeline(AggregationSpec(), {"w": torch.zeros(1)}, device=CPU, seed=0, fold_window=0)
+
+
+async def test_aggregate_round_with_a_window_equals_one_by_one(gen, tmp_path):
+    """The whole round from blobs, windowed or not: the same model, bit for bit."""
+    base = model(gen)
+    blobs = LocalBlobStore(tmp_path)
+    await blobs.put("model/base", encode(base))
+    refs = [ref(num_examples=i + 1) for i in range(6)]
+    for r in refs:
+        await blobs.put(r.blob_key, encode(model(gen)))
+    job = AggregateRound(
+        job_id=uuid4(),
+        training_id=uuid4(),
+        round=1,
+        base_model_id=uuid4(),
+        base_blob_key="model/base",
+        method="fedavg",
+        updates=tuple(refs),
+    )
+    one = await aggregate_round(job, blobs, CPU, fold_window=1)
+    four = await aggregate_round(job, blobs, CPU, fold_window=4)
+    assert one.accepted == four.accepted == tuple(refs)
+    for name, tensor in one.aggregate.model.items():
+        assert torch.equal(four.aggregate.model[name], tensor), name
