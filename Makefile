@@ -45,7 +45,7 @@ $(BENCH_STAMP): pyproject.toml constraints.txt
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/upload_memory.py --mb 500
 	$(BIN)/python bench/e2e.py --json bench-e2e.json
-	$(BENCH_VENV)/bin/python bench/aggregate.py --json bench-aggregate.json
+	$(BENCH_VENV)/bin/python bench/aggregate.py --json bench-aggregate.json --pods 1,2,4
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

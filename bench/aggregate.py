@@ -4,50 +4,82 @@ For each case (clients x parameters, dtype), on the same in-memory updates:
 
 - ``numpy``: ``np.add.reduce`` over every update's bytes, the machine's memory-read bandwidth as one
   core streams it (bfloat16, which numpy lacks, is read as float32: the same bytes);
-- ``fedavg``: fedhub's streaming FedAvg (`FedAvg`, one ``add`` per update, then ``result``), and
-  Flower's ``flwr.server.strategy.aggregate.aggregate`` on the same arrays (zero-copy numpy views);
+- ``fedavg``: fedhub's streaming FedAvg as the round pipeline drives it (`FedAvg`, each update
+  checked as it comes, windows of ``--window`` updates, default the pipeline's
+  `DEFAULT_FOLD_WINDOW`, folded with ``add_many``, then ``result``), and Flower's
+  ``flwr.server.strategy.aggregate.aggregate`` on the same arrays (zero-copy numpy views);
 - ``median`` / ``trimmed``: fedhub's `Median` and `TrimmedMean` (beta 0.1) against Flower's
   ``aggregate_median`` / ``aggregate_trimmed_avg`` and against ``torch.median`` over the stacked
   updates (the stacking timed too, as Flower's ``np.asarray`` is);
 - ``+decode``: the same fedhub methods fed from msgpack (each update encoded once with
   `shared.codec.encode_tensors`; timed: `decode_tensors` plus zero-copy tensor views plus the method).
 
-Throughput is the bytes of all updates over the time taken (best of ``--repeats``). torch runs
-with its default threads unless ``--threads`` says otherwise: on a machine whose cores other
-processes keep busy, multi-threaded torch kernels wait on descheduled threads and lose up to 10x,
-while ``--threads 1`` stays stable (numpy and Flower are single-threaded either way). Flower's
+Across pods (``--pods 1,2,4``): one FedAvg round of ``40 x 1M float32`` updates through the real
+split path, with 1, 2 and 4 ``fedhub aggregator`` processes on RabbitMQ and PostgreSQL (a fresh
+database, local blob folder shared by the processes, ``FEDHUB_AGGREGATOR_BATCH_SIZE=10``: four
+batch parts and the combine job): the time from publishing the round's job to its model row,
+as updates/s and GB/s of update bytes per process count (best of ``--repeats`` rounds after one
+warm-up round). Each process gets ``--pod-threads`` torch threads (default 1). Left out with a
+note when RabbitMQ or PostgreSQL is unreachable (``FEDHUB_AMQP_URL``, ``FEDHUB_DATABASE_URL``).
+
+Throughput is the bytes of all updates over the time taken (best of ``--repeats``). torch uses
+every core (``torch.get_num_threads()``, printed with the table) unless ``--threads`` says
+otherwise: on a machine whose cores other processes keep busy, multi-threaded torch kernels wait
+on descheduled threads and can lose several times over, while ``--threads 1`` stays stable
+(numpy and Flower are single-threaded either way). Flower's
 figures need flwr (``make bench`` installs it in .venv-bench); without it they are left out with a
 note. With a CUDA device (``--device cuda``) fedhub's methods run there, updates moved by
 `DeviceTransfer`, beside the pinned host-to-device copy bandwidth.
 
-    python bench/aggregate.py --json bench-aggregate.json
+    python bench/aggregate.py --json bench-aggregate.json --pods 1,2,4
     python bench/aggregate.py --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import importlib
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+from urllib.parse import urlsplit
 
+import asyncpg  # type: ignore[import-untyped]
 import numpy as np
 import torch
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
-from services.aggregator.methods import FedAvg, Median, Method, RoundContext, TrimmedMean
+from fedhub.distributed import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_DATABASE_URL,
+    ClusterSettings,
+    LocalCluster,
+    free_port,
+)
+from services.aggregator.methods import FedAvg, LinearMethod, Median, Method, RoundContext, TrimmedMean
 from services.aggregator.methods.coordinate import trim_count
+from services.aggregator.pipeline import DEFAULT_FOLD_WINDOW
 from services.aggregator.transfer import DeviceTransfer
 from shared.aggregation import FedAvgParams, MedianParams, MethodParams, TrimmedMeanParams
+from shared.bus.base import envelope_for
 from shared.codec import decode_tensors, encode_tensors
+from shared.db.models import Model
+from shared.events import AggregateRound, UpdateRef
+from shared.logging import configure_logging
+from shared.runtime import Runtime
+from shared.settings import CommonSettings
 from shared.tensors import state_dict_to_records
 
 TRIM_BETA = 0.1
@@ -144,6 +176,34 @@ def numpy_read(updates: Sequence[Mapping[str, torch.Tensor]]) -> Callable[[], ob
     return run
 
 
+class Feeder:
+    """Hands updates to a method as the round pipeline does: a linear method that folds windows
+    gets each update checked as it comes and `window` at a time through ``add_many``; any other
+    method one ``add`` per update."""
+
+    def __init__(self, method: Method, window: int) -> None:
+        self.method = method
+        self.linear = method if isinstance(method, LinearMethod) and method.folds_windows else None
+        self.window = window
+        self.held: list[tuple[Mapping[str, torch.Tensor], float]] = []
+
+    def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Add one update (held until the window is full)."""
+        if self.linear is None or self.window <= 1:
+            self.method.add(update, weight)
+            return
+        self.linear.check(update, weight)
+        self.held.append((update, weight))
+        if len(self.held) >= self.window:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold what is held."""
+        if self.linear is not None and self.held:
+            self.linear.add_many([u for u, _ in self.held], [w for _, w in self.held])
+            self.held.clear()
+
+
 def fedhub_run(
     cls: type[Method],
     params: MethodParams,
@@ -151,15 +211,17 @@ def fedhub_run(
     updates: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
     device: torch.device,
+    window: int = DEFAULT_FOLD_WINDOW,
 ) -> Callable[[], dict[str, torch.Tensor]]:
-    """A fedhub method over the updates: build, add each (moved by `DeviceTransfer`), result."""
+    """A fedhub method over the updates: build, feed each (moved by `DeviceTransfer`), result."""
 
     def run() -> dict[str, torch.Tensor]:
         transfer = DeviceTransfer(device)
-        method = cls(RoundContext(base=base, device=device), params)
+        feeder = Feeder(cls(RoundContext(base=base, device=device), params), window)
         for update, weight in zip(updates, weights, strict=True):
-            method.add(transfer.to_device(update), weight)
-        model = method.result().model
+            feeder.add(transfer.to_device(update), weight)
+        feeder.flush()
+        model = feeder.method.result().model
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return model
@@ -188,15 +250,17 @@ def fedhub_decode_run(
     encoded: Sequence[bytes],
     weights: Sequence[float],
     device: torch.device,
+    window: int = DEFAULT_FOLD_WINDOW,
 ) -> Callable[[], dict[str, torch.Tensor]]:
     """As `fedhub_run`, each update decoded from its msgpack bytes first."""
 
     def run() -> dict[str, torch.Tensor]:
         transfer = DeviceTransfer(device)
-        method = cls(RoundContext(base=base, device=device), params)
+        feeder = Feeder(cls(RoundContext(base=base, device=device), params), window)
         for data, weight in zip(encoded, weights, strict=True):
-            method.add(transfer.to_device(decode_views(data)), weight)
-        model = method.result().model
+            feeder.add(transfer.to_device(decode_views(data)), weight)
+        feeder.flush()
+        model = feeder.method.result().model
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return model
@@ -243,7 +307,9 @@ def h2d_bandwidth(nbytes: int, device: torch.device, repeats: int) -> float:
     return gbs(nbytes, best_of(run, repeats))
 
 
-def bench_case(spec: CaseSpec, *, repeats: int, device: torch.device, flower: Any) -> dict[str, Any]:
+def bench_case(
+    spec: CaseSpec, *, repeats: int, device: torch.device, flower: Any, window: int = DEFAULT_FOLD_WINDOW
+) -> dict[str, Any]:
     """Every figure of one case (see the module doc), plus checks that the results agree."""
     base, updates = make_updates(spec)
     gen = torch.Generator().manual_seed(1)
@@ -259,7 +325,7 @@ def bench_case(spec: CaseSpec, *, repeats: int, device: torch.device, flower: An
     }
     row["numpy_gbs"] = gbs(nbytes, best_of(numpy_read(updates), repeats))
 
-    fedavg = fedhub_run(FedAvg, FedAvgParams(), base, updates, weights, device)
+    fedavg = fedhub_run(FedAvg, FedAvgParams(), base, updates, weights, device, window)
     median = fedhub_run(Median, MedianParams(), base, updates, weights, device)
     trimmed = fedhub_run(TrimmedMean, TrimmedMeanParams(beta=TRIM_BETA), base, updates, weights, device)
     row["fedavg_gbs"] = gbs(nbytes, best_of(fedavg, repeats))
@@ -298,7 +364,7 @@ def bench_case(spec: CaseSpec, *, repeats: int, device: torch.device, flower: An
         ("fedavg", FedAvg, FedAvgParams()),
         ("median", Median, MedianParams()),
     ):
-        run = fedhub_decode_run(cls, params, base, encoded, weights, device)
+        run = fedhub_decode_run(cls, params, base, encoded, weights, device, window)
         row[f"{name}_decode_gbs"] = gbs(nbytes, best_of(run, repeats))
     if device.type == "cuda":
         row["h2d_pinned_gbs"] = h2d_bandwidth(min(nbytes, 1 << 30), device, repeats)
@@ -337,14 +403,19 @@ def _check_against_numpy(
 
 
 def run_bench(
-    cases: Sequence[CaseSpec], *, repeats: int, device: torch.device, use_flower: bool = True
+    cases: Sequence[CaseSpec],
+    *,
+    repeats: int,
+    device: torch.device,
+    use_flower: bool = True,
+    window: int = DEFAULT_FOLD_WINDOW,
 ) -> dict[str, Any]:
     """Every case's row, the machine and the notes, as one JSON-able document."""
     flower, flower_info = load_flower() if use_flower else (None, "Flower left out (--no-flower)")
     notes = [] if flower is not None else [flower_info]
     rows = []
     for spec in cases:
-        rows.append(bench_case(spec, repeats=repeats, device=device, flower=flower))
+        rows.append(bench_case(spec, repeats=repeats, device=device, flower=flower, window=window))
         gc.collect()
     return {
         "machine": {
@@ -355,13 +426,243 @@ def run_bench(
             "python": platform.python_version(),
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_average": _load_average(),
         },
+        "fold_window": window,
         "flower": flower_info if flower is not None else None,
         "repeats": repeats,
         "goals": GOALS,
         "notes": notes,
         "cases": rows,
     }
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# Across pods -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PodsSpec:
+    """The round the across-pods figure runs: updates x params float32, split in batches."""
+
+    updates: int
+    params: int
+    batch_size: int
+
+    @property
+    def label(self) -> str:
+        """E.g. ``40 x 1M float32, batches of 10``."""
+        return f"{self.updates} x {_count(self.params)} float32, batches of {self.batch_size}"
+
+
+FULL_PODS = PodsSpec(40, 1_000_000, 10)
+QUICK_PODS = PodsSpec(6, 20_000, 2)
+
+
+async def _reachable(database_url: str, amqp_url: str) -> str | None:
+    """None when RabbitMQ and PostgreSQL answer, else why not."""
+    amqp = urlsplit(amqp_url)
+    host, port = amqp.hostname or "127.0.0.1", amqp.port or 5672
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=3)
+        writer.close()
+        await writer.wait_closed()
+    except (OSError, TimeoutError) as exc:
+        return f"RabbitMQ is unreachable at {host}:{port} ({type(exc).__name__}: {exc})"
+    try:
+        conn = await asyncpg.connect(_dsn(database_url), timeout=3)
+        await conn.close()
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        safe = make_url(database_url).render_as_string(hide_password=True)
+        return f"PostgreSQL is unreachable at {safe} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _dsn(database_url: str, database: str | None = None, *, driver: str = "postgresql") -> str:
+    """`database_url` with another driver (asyncpg's plain DSN by default) and database."""
+    url = make_url(database_url).set(drivername=driver)
+    if database is not None:
+        url = url.set(database=database)
+    return url.render_as_string(hide_password=False)
+
+
+class AggregatorCluster(LocalCluster):
+    """A `LocalCluster` of aggregator processes only (after migrating the database), with extra env."""
+
+    def __init__(self, settings: ClusterSettings, extra_env: dict[str, str]) -> None:
+        super().__init__(settings)
+        self.extra_env = extra_env
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        return super()._env(**self.extra_env, **extra)
+
+    async def __aenter__(self) -> Self:
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._migrate)
+        for i in range(self.settings.aggregators):
+            port = free_port()
+            self._add(
+                f"aggregator-{i + 1}",
+                ["aggregator"],
+                port,
+                FEDHUB_AGGREGATOR_HEALTH_HOST="127.0.0.1",
+                FEDHUB_AGGREGATOR_HEALTH_PORT=str(port),
+            )
+        try:
+            for service in self.services.values():
+                service.start()
+            await self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+
+async def _pods_round(runtime: Runtime, base_key: str, update_keys: Sequence[str]) -> float:
+    """Publish one FedAvg round's job and wait for its model row; the seconds it took."""
+    training_id = uuid.uuid4()
+    refs = tuple(
+        UpdateRef(update_id=uuid.uuid4(), client_id=uuid.uuid4(), blob_key=key, num_examples=10 + i)
+        for i, key in enumerate(update_keys)
+    )
+    job = AggregateRound(
+        job_id=uuid.uuid4(),
+        training_id=training_id,
+        round=1,
+        method="fedavg",
+        base_model_id=uuid.uuid4(),
+        base_blob_key=base_key,
+        updates=refs,
+        delete_updates_after=False,
+    )
+    query = select(Model.id).where(Model.training_id == training_id, Model.round == 1)
+    started = time.perf_counter()
+    await runtime.bus.publish([envelope_for(job)])
+    async with runtime.engine.connect() as conn:
+        while (await conn.scalar(query)) is None:
+            if time.perf_counter() - started > 300:
+                raise TimeoutError(f"round of {len(update_keys)} updates not aggregated after 300 s")
+            await asyncio.sleep(0.005)
+    return time.perf_counter() - started
+
+
+async def _pods_count(
+    database_url: str, amqp_url: str, root: Path, count: int, spec: PodsSpec, repeats: int, threads: int
+) -> float:
+    """Best round time with `count` aggregator processes (after a warm-up round)."""
+    namespace = f"fedhub-bench-{uuid.uuid4().hex[:8]}"
+    settings = ClusterSettings(
+        database_url=database_url,
+        amqp_url=amqp_url,
+        blob_backend="local",
+        aggregators=count,
+        log_dir=root / f"logs-{count}",
+        log_level="WARNING",
+        bus_namespace=namespace,
+    )
+    env = {
+        "FEDHUB_AGGREGATOR_BATCH_SIZE": str(spec.batch_size),
+        "FEDHUB_AGGREGATOR_TORCH_THREADS": str(threads),
+        "FEDHUB_AGGREGATOR_DEVICE": "cpu",
+    }
+    common = CommonSettings(
+        database_url=database_url,
+        amqp_url=amqp_url,
+        blob_backend="local",
+        blob_path=root / "blobs",  # where LocalCluster points its processes (log_dir's parent)
+        bus_namespace=namespace,
+        log_level="WARNING",
+    )
+    base, updates = make_updates(CaseSpec(spec.updates, spec.params, torch.float32), seed=2)
+    async with AggregatorCluster(settings, env):
+        runtime = await Runtime.open(common)
+        try:
+            base_key = f"model/bench-base-{count}"
+            await runtime.blobs.put(base_key, encode_tensors(state_dict_to_records(base)))
+            keys = [f"update/bench-{count}-{i}" for i in range(spec.updates)]
+            for key, update in zip(keys, updates, strict=True):
+                await runtime.blobs.put(key, encode_tensors(state_dict_to_records(update)))
+            del base, updates
+            await _pods_round(runtime, base_key, keys)  # warm-up: imports, connections, first kernels
+            return min([await _pods_round(runtime, base_key, keys) for _ in range(repeats)])
+        finally:
+            await runtime.close()
+
+
+async def _pods_bench(counts: Sequence[int], spec: PodsSpec, *, repeats: int, threads: int) -> dict[str, Any]:
+    """The across-pods figure (see the module doc); `rows` empty and `note` set when it cannot run."""
+    database_url = os.environ.get("FEDHUB_DATABASE_URL", DEFAULT_DATABASE_URL)
+    amqp_url = os.environ.get("FEDHUB_AMQP_URL", DEFAULT_AMQP_URL)
+    nbytes = spec.updates * spec.params * 4
+    out: dict[str, Any] = {
+        "case": spec.label,
+        "updates": spec.updates,
+        "params": spec.params,
+        "batch_size": spec.batch_size,
+        "pod_threads": threads,
+        "bytes": nbytes,
+        "blobs": "local folder shared by the processes",
+        "rows": [],
+    }
+    why = await _reachable(database_url, amqp_url)
+    if why is not None:
+        out["note"] = f"across pods left out: {why}"
+        return out
+    configure_logging("WARNING")  # this process's bus and relay: their info lines would break the table
+    database = f"fedhub_bench_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(_dsn(database_url), timeout=5)
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await admin.close()
+    url = _dsn(database_url, database, driver="postgresql+asyncpg")
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedhub-bench-pods-") as tmp:
+            for count in counts:
+                best = await _pods_count(url, amqp_url, Path(tmp), count, spec, repeats, threads)
+                out["rows"].append(
+                    {
+                        "processes": count,
+                        "seconds": best,
+                        "updates_per_s": spec.updates / best,
+                        "gbs": gbs(nbytes, best),
+                    }
+                )
+    finally:
+        admin = await asyncpg.connect(_dsn(database_url), timeout=5)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            await admin.close()
+    return out
+
+
+def run_pods(counts: Sequence[int], spec: PodsSpec, *, repeats: int, threads: int = 1) -> dict[str, Any]:
+    """The across-pods figure for each process count in `counts` (see the module doc)."""
+    return asyncio.run(_pods_bench(counts, spec, repeats=repeats, threads=threads))
+
+
+def pods_lines(pods: Mapping[str, Any]) -> list[str]:
+    """The across-pods figure as a markdown table (or its note)."""
+    lines = [
+        f"Across pods: one FedAvg round of {pods['case']}, {pods['pod_threads']} torch thread(s) per process"
+    ]
+    if not pods["rows"]:
+        lines.append(pods.get("note", "across pods: nothing ran"))
+        return lines
+    lines += ["", "| aggregator processes | seconds | updates/s | GB/s |", "|---|---|---|---|"]
+    for row in pods["rows"]:
+        lines.append(
+            f"| {row['processes']} | {row['seconds']:.2f} | {row['updates_per_s']:.1f} | {row['gbs']:.2f} |"
+        )
+    return lines
 
 
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -405,13 +706,18 @@ def table_lines(doc: Mapping[str, Any]) -> list[str]:
         lines.append("| " + " | ".join(_cell(row, k) for k, _ in columns) + " |")
     machine = doc["machine"]
     lines.append("")
+    load = machine.get("load_average")
     lines.append(
         f"{machine['cpus']} CPUs, torch {machine['torch']} ({machine['torch_threads']} threads), "
         f"numpy {machine['numpy']}, Flower {doc['flower'] or '-'}, device {machine['device']}, "
-        f"best of {doc['repeats']}"
+        f"best of {doc['repeats']}, FedAvg fold window {doc.get('fold_window', '-')}"
+        + (f", load average {' '.join(f'{x:.2f}' for x in load)}" if load else "")
     )
     lines.extend(doc["notes"])
     lines.extend(f"{row['case']}: {row['note']}" for row in doc["cases"] if "note" in row)
+    if "pods" in doc:
+        lines.append("")
+        lines.extend(pods_lines(doc["pods"]))
     return lines
 
 
@@ -448,18 +754,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads",
         type=int,
         default=None,
-        help="torch threads (default: torch's own); 1 compares like for like with single-threaded "
-        "numpy and Flower, and stays stable on a machine other work keeps busy",
+        help=f"torch threads (default: every core, {torch.get_num_threads()} here); 1 compares like "
+        "for like with single-threaded numpy and Flower, and stays stable on a machine other work "
+        "keeps busy",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=DEFAULT_FOLD_WINDOW,
+        help=f"FedAvg's fold window (default {DEFAULT_FOLD_WINDOW}, the pipeline's; 1: one add per update)",
+    )
+    parser.add_argument(
+        "--pods",
+        default=None,
+        help="aggregator process counts for the across-pods figure, e.g. 1,2,4 (needs RabbitMQ and "
+        "PostgreSQL; default: left out)",
+    )
+    parser.add_argument(
+        "--pod-threads", type=int, default=1, help="torch threads of each aggregator process (default 1)"
     )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    pods = [int(n) for n in args.pods.split(",")] if args.pods else []
+    if any(n < 1 for n in pods):
+        parser.error("--pods: process counts must be at least 1")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     cases = QUICK_CASES if args.quick else FULL_CASES
-    doc = run_bench(cases, repeats=repeats, device=device, use_flower=not args.no_flower)
+    doc = run_bench(cases, repeats=repeats, device=device, use_flower=not args.no_flower, window=args.window)
+    if pods:
+        spec = QUICK_PODS if args.quick else FULL_PODS
+        doc["pods"] = run_pods(pods, spec, repeats=repeats, threads=args.pod_threads)
     if args.markdown:
         print("\n".join(table_lines(doc)))
     else:

@@ -6,11 +6,22 @@ Figures are never asserted (this machine's timing is not a test); what the bench
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from bench.aggregate import QUICK_CASES, CaseSpec, main, model_shapes, run_bench, table_lines
+from bench.aggregate import (
+    QUICK_CASES,
+    QUICK_PODS,
+    CaseSpec,
+    main,
+    model_shapes,
+    pods_lines,
+    run_bench,
+    run_pods,
+    table_lines,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -70,4 +81,34 @@ def test_main_writes_json(tmp_path, capsys) -> None:
     doc = json.loads(path.read_text())
     assert [row["case"] for row in doc["cases"]] == [spec.label for spec in QUICK_CASES]
     assert doc["repeats"] == 1
-    assert "| 5 x 60K bfloat16 |" in capsys.readouterr().out
+    assert doc["fold_window"] == 4
+    assert doc["machine"]["torch_threads"] == torch.get_num_threads()
+    assert "pods" not in doc
+    out = capsys.readouterr().out
+    assert "| 5 x 60K bfloat16 |" in out
+    assert "FedAvg fold window 4" in out
+
+
+def test_fedavg_one_add_per_update_agrees_with_windows() -> None:
+    """--window 1 (one add per update) gives the same checks as the pipeline's windows."""
+    windowed = run_bench(QUICK_CASES[:1], repeats=1, device=torch.device("cpu"), use_flower=False)
+    single = run_bench(QUICK_CASES[:1], repeats=1, device=torch.device("cpu"), use_flower=False, window=1)
+    assert single["fold_window"] == 1
+    assert windowed["cases"][0]["checks"]["fedavg_max_abs"] == single["cases"][0]["checks"]["fedavg_max_abs"]
+
+
+@pytest.mark.integration
+def test_across_pods_figure_on_one_process() -> None:
+    """One aggregator process on RabbitMQ and PostgreSQL: a positive figure, or a note saying why not."""
+    pods = run_pods([1], QUICK_PODS, repeats=1)
+    assert pods["bytes"] == QUICK_PODS.updates * QUICK_PODS.params * 4
+    if not pods["rows"]:
+        assert pods["note"].startswith("across pods left out:")
+        if os.environ.get("CI", "").lower() in {"true", "1"}:
+            pytest.fail(f"RabbitMQ and PostgreSQL are part of the build under CI=true: {pods['note']}")
+        pytest.skip(pods["note"])
+    (row,) = pods["rows"]
+    assert row["processes"] == 1
+    assert row["seconds"] > 0 and row["gbs"] > 0
+    assert row["updates_per_s"] == pytest.approx(QUICK_PODS.updates / row["seconds"])
+    assert "| 1 |" in "\n".join(pods_lines(pods))
