@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 import httpx
@@ -35,6 +35,23 @@ MODEL_TEST_ROUND = "MODEL_TEST_ROUND"
 TRAINING_FINISHED = "TRAINING_FINISHED"
 
 _TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+
+INLINE_BYTES = 256 * 1024
+"""Models up to this size are decoded and encoded on the event loop: for them a thread hop costs
+more than the work. Larger ones, and `fit` and `evaluate` always, run in a worker thread."""
+
+T = TypeVar("T")
+
+
+async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` inline for payloads up to `INLINE_BYTES`, else in a worker thread."""
+    if size <= INLINE_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def _tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class Client:
@@ -219,8 +236,9 @@ class _Session:
         config = self.config(round_, model_id)
         new_weights, num_examples, metrics = await asyncio.to_thread(self.client.fit, weights, config)
         num_examples, metrics = _checked(num_examples, metrics, "fit")
-        outgoing = await asyncio.to_thread(self.outgoing, new_weights)
-        body = await asyncio.to_thread(_encode_update, round_, num_examples, metrics, outgoing)
+        size = _tensor_bytes(new_weights)
+        outgoing = await _off_loop(size, self.outgoing, new_weights)
+        body = await _off_loop(size, _encode_update, round_, num_examples, metrics, outgoing)
         try:
             response = await self.transport.request(
                 "POST",
@@ -334,13 +352,14 @@ class _Session:
             response = await self.transport.request(
                 "GET", f"/v1/models/{model_id}/weights", headers={"Accept": MSGPACK}
             )
-            records = await asyncio.to_thread(decode_tensors, response.content)
+            records = await _off_loop(len(response.content), decode_tensors, response.content)
             self.cached = (model_id, records)
             self.log.debug(
                 "client.model_downloaded", model_id=str(model_id), size_bytes=len(response.content)
             )
         # Read-only buffers make to_torch copy, so fit may change its tensors without touching the cache.
-        return await asyncio.to_thread(records_to_state_dict, self.cached[1])
+        size = sum(r.data.nbytes for r in self.cached[1])
+        return await _off_loop(size, records_to_state_dict, self.cached[1])
 
     def config(self, round_: int, model_id: UUID) -> dict[str, Any]:
         """What `fit` and `evaluate` get besides the weights."""
