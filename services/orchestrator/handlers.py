@@ -52,11 +52,16 @@ async def on_start_training(command: StartTraining, uow: UnitOfWork) -> None:
 async def on_update_received(event: UpdateReceived, uow: UnitOfWork) -> None:
     """Count the round's updates; with all participants in, emit the aggregation job.
 
-    Every update but the round's last changes nothing: no inbox row then (`changed_nothing`).
+    Every update but the round's last changes nothing: that is found without locking the training
+    (the count only grows, and the message of the last update to commit sees all of them), and
+    leaves no inbox row (`changed_nothing`).
     """
     repo = TrainingRepository(uow.session)
+    received = await repo.count_updates(event.training_id, event.round)
+    if received < await repo.participants(event.training_id):
+        uow.changed_nothing()
+        return
     training, view = await repo.load(event.training_id)
-    received = await repo.count_updates(training.id, event.round)
     now = utcnow()
     applied = await _attempt(
         uow, repo, training, lambda: machine.update_received(view, event.round, received), now
@@ -95,8 +100,11 @@ async def on_aggregation_failed(event: AggregationFailed, uow: UnitOfWork) -> No
 async def on_test_metrics_received(event: TestMetricsReceived, uow: UnitOfWork) -> None:
     """Count the round's test reports; with all participants in, move on (else: changed nothing)."""
     repo = TrainingRepository(uow.session)
+    reported = await repo.count_test_reports(event.training_id, event.round)
+    if reported < await repo.participants(event.training_id):
+        uow.changed_nothing()  # as for updates: found without a lock, no inbox row
+        return
     training, view = await repo.load(event.training_id)
-    reported = await repo.count_test_reports(training.id, event.round)
     now = utcnow()
     applied = await _attempt(
         uow, repo, training, lambda: machine.test_reported(view, event.round, reported, now), now

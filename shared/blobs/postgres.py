@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     delete,
     func,
+    literal,
     select,
     update,
 )
@@ -79,6 +80,8 @@ class PostgresBlobStore(BlobStore):
     async def put(self, key: str, data: bytes | memoryview) -> bool:
         """Store `data` in chunks within one transaction; False (and no write) when `key` exists."""
         view = memoryview(data).cast("B")
+        if len(view) <= self.chunk_size:
+            return await self._write_one(key, bytes(view))
 
         async def chunks() -> AsyncIterator[memoryview]:
             for start in range(0, len(view), self.chunk_size):
@@ -88,8 +91,59 @@ class PostgresBlobStore(BlobStore):
         return await self._write(key, chunks())
 
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> bool:
-        """Write the chunks as they come, re-cut to `chunk_size`; False (and no write) when `key` exists."""
-        return await self._write(key, chunks)
+        """Write the chunks as they come, re-cut to `chunk_size`; False (and no write) when `key` exists.
+
+        A stream that ends within one chunk is written by `_write_one` (most updates are small).
+        """
+        head: list[bytes] = []
+        size = 0
+        async for chunk in chunks:
+            head.append(chunk)
+            size += len(chunk)
+            if size > self.chunk_size:
+                break
+        else:
+            return await self._write_one(key, b"".join(head))
+
+        async def rest() -> AsyncIterator[bytes]:
+            for chunk in head:
+                yield chunk
+            head.clear()
+            async for chunk in chunks:
+                yield chunk
+
+        return await self._write(key, rest())
+
+    async def _write_one(self, key: str, data: bytes) -> bool:
+        """A blob of one chunk: its row, complete, and its chunk in one statement (PostgreSQL).
+
+        Nobody sees the row before the commit, so it can be complete from the start; a concurrent
+        writer of the same key still waits on the primary key, as in `_write`.
+        """
+        check_key(key)
+        values = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "complete": True}
+        async with self.engine.begin() as conn:
+            claim = (
+                self._insert_blob(conn)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=["key"])
+                .returning(blob_table.c.key)
+            )
+            if conn.dialect.name != "postgresql":
+                if (await conn.execute(claim)).first() is None:
+                    return False
+                await self._write_chunk(conn, key, 0, data)
+                return True
+            claimed = claim.cte("claimed")
+            written = await conn.execute(
+                blob_chunk_table.insert()
+                .from_select(
+                    ["key", "index", "data"],
+                    select(claimed.c.key, literal(0), literal(data, LargeBinary)),
+                )
+                .returning(blob_chunk_table.c.key)
+            )
+            return written.first() is not None
 
     async def _write(self, key: str, chunks: AsyncIterator[bytes] | AsyncIterator[memoryview]) -> bool:
         """Insert the blob row, its chunks, then mark it complete, all in one transaction.
@@ -143,8 +197,23 @@ class PostgresBlobStore(BlobStore):
         await conn.execute(blob_chunk_table.insert().values(key=key, index=index, data=data))
 
     async def get(self, key: str) -> bytes:
-        """The whole blob."""
-        return b"".join([chunk async for chunk in self.open_stream(key)])
+        """The whole blob, in one query (one statement sees one snapshot: no delete can cut it short)."""
+        check_key(key)
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(blob_table.c.size, blob_chunk_table.c.data)
+                    .join(blob_chunk_table, blob_chunk_table.c.key == blob_table.c.key)
+                    .where(blob_table.c.key == key, blob_table.c.complete)
+                    .order_by(blob_chunk_table.c.index)
+                )
+            ).all()
+        if not rows:  # a complete blob has at least its chunk 0, empty or not
+            raise BlobNotFound(f"blob {key} does not exist")
+        data = b"".join(bytes(row.data) for row in rows)
+        if len(data) != rows[0].size:
+            raise BlobCorrupted(f"blob {key} has {len(data)} bytes in its chunks, {rows[0].size} recorded")
+        return data
 
     async def open_stream(self, key: str) -> AsyncIterator[bytes]:
         """Yield the chunks in order, one query each, from one snapshot.

@@ -147,6 +147,16 @@ async def test_concurrent_whole_puts_of_one_key_leave_one_consistent_blob(store)
     assert await store.get(k) == (a if results[0] else b)
 
 
+async def test_concurrent_small_puts_of_one_key_leave_one_consistent_blob(store):
+    """Blobs of one chunk (written in one statement on PostgreSQL) race the same way: one winner."""
+    k, a, b = key(), pattern(3, 1000), pattern(4, 2000)
+    results = await asyncio.gather(store.put(k, a), store.put_stream(k, chunks_of([b[:7], b[7:]])))
+    assert sorted(results) == [False, True]
+    assert await store.get(k) == (a if results[0] else b)
+    assert await store.put_stream(k, chunks_of([b"late"])) is False
+    assert await store.get(k) == (a if results[0] else b)
+
+
 class DictStore(BlobStore):
     """A store with only the abstract methods: exercises the ABC's streaming fallbacks."""
 
@@ -198,3 +208,26 @@ async def test_delete_many_removes_present_keys_and_ignores_missing_ones(store):
     for k in gone:
         assert await store.exists(k) is False
     assert await store.get(kept) == b"bytes of " + kept.encode()
+
+
+@pytest.mark.integration
+async def test_postgres_get_refuses_a_blob_whose_chunks_do_not_add_up(postgres_url) -> None:
+    """A chunk gone from under a complete blob: `get` (one query) raises BlobCorrupted, not short bytes."""
+    from sqlalchemy import delete
+
+    from shared.blobs.postgres import BlobCorrupted, blob_chunk_table
+
+    store = PostgresBlobStore(postgres_url, chunk_size=MiB)
+    try:
+        k = key()
+        data = pattern(0, 2 * MiB + 10)
+        await store.put(k, data)
+        assert await store.get(k) == data
+        async with store.engine.begin() as conn:
+            await conn.execute(
+                delete(blob_chunk_table).where(blob_chunk_table.c.key == k, blob_chunk_table.c.index == 1)
+            )
+        with pytest.raises(BlobCorrupted):
+            await store.get(k)
+    finally:
+        await store.close()

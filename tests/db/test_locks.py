@@ -96,3 +96,11 @@ async def test_load_for_update_serialises_transitions(pg_runtime):
         assert not second.done()
         await repo.apply(training, start(training), datetime.now(UTC))
     assert await second == (1, TrainingState.ONGOING)
+
+
+async def test_concurrently_handled_updates_make_one_aggregation_job(pg_runtime):
+    """On PostgreSQL: ten UpdateReceived handled at once give one transition and one job."""
+    from tests.orchestrator.test_handlers import concurrent_updates_make_one_job
+
+    await pg_runtime.relay.stop()
+    await concurrent_updates_make_one_job(pg_runtime)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -258,3 +259,24 @@ async def test_updates_before_the_last_leave_no_inbox_row_and_a_redelivered_last
 async def _inbox(rt: Runtime) -> set[UUID]:
     async with rt.uow() as uow:
         return set(await uow.session.scalars(select(InboxMessage.message_id)))
+
+
+async def concurrent_updates_make_one_job(rt: Runtime) -> None:
+    """Ten clients' UpdateReceived handled all at once (as with prefetch 8): one AggregateRound, one
+    transition, and the round's updates all in the job."""
+    consumer = Consumer("orchestrator", HANDLERS, rt.uow)
+    training_id, clients = await _training(rt, clients=10)
+    await consumer.handle(envelope_for(StartTraining(training_id=training_id, requested_by=uuid4())))
+    await _outbox(rt)
+    messages = [envelope_for(await _add_update(rt, training_id, c, 1)) for c in clients]
+    await asyncio.gather(*(consumer.handle(m) for m in messages))
+    t = await _state(rt, training_id)
+    assert (t.phase, t.version) == (RoundPhase.AGGREGATING, 2)
+    (job,) = await _outbox(rt)
+    assert isinstance(job, AggregateRound)
+    assert sorted(u.client_id for u in job.updates) == sorted(clients)
+
+
+async def test_concurrently_handled_updates_make_one_aggregation_job(runtime: Runtime) -> None:
+    """On SQLite (embedded): see `concurrent_updates_make_one_job`."""
+    await concurrent_updates_make_one_job(runtime)
