@@ -310,6 +310,7 @@ def test_windows_give_the_sequential_lerp_result_bit_for_bit(dtype, window, thre
     the whole-tensor lerp_ of each update in turn, with zero-weight (NaN) updates in the windows,
     with one or two torch threads; and agrees with the float64 reference."""
     monkeypatch.setattr(linear, "FOLD_BLOCK", 1000)
+    monkeypatch.setattr(linear, "CONVERT_BLOCK", 1000)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -340,7 +341,7 @@ def test_windows_give_the_sequential_lerp_result_bit_for_bit(dtype, window, thre
 def test_windows_at_the_default_block_size_match_single_adds():
     """A tensor several default blocks long, windows of 4 against one add per update: equal."""
     gen = torch.Generator().manual_seed(3)
-    n = 2 * linear.FOLD_BLOCK + 17
+    n = 2 * linear.FOLD_BLOCK + 17  # several blocks of either kind
     base = {"w": torch.zeros(n, dtype=torch.bfloat16), "f": torch.zeros(n)}
     updates = [
         {"w": torch.randn(n, generator=gen).bfloat16(), "f": torch.randn(n, generator=gen)} for _ in range(6)
@@ -400,7 +401,7 @@ def test_check_refuses_what_add_refuses_and_folds_nothing():
 def test_a_half_precision_update_is_converted_a_block_at_a_time():
     """Folding bfloat16 updates allocates nothing larger than one float32 block (no whole-tensor
     float32 copy), whatever the window; the accumulator itself is the only model-sized buffer."""
-    n = 4 * linear.FOLD_BLOCK
+    n = 4 * linear.CONVERT_BLOCK
     gen = torch.Generator().manual_seed(5)
     updates = [{"w": torch.randn(n, generator=gen).bfloat16()} for _ in range(4)]
     method = fedavg({"w": torch.zeros(n, dtype=torch.bfloat16)})
@@ -412,7 +413,7 @@ def test_a_half_precision_update_is_converted_a_block_at_a_time():
         method.add(updates[3], 4.0)
     allocations = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
     assert allocations, "the profiler saw the conversion buffers"
-    assert max(allocations) <= linear.FOLD_BLOCK * 4
+    assert max(allocations) <= linear.CONVERT_BLOCK * 4
     assert torch.equal(
         method.result().model["w"],
         aggregate({"w": torch.zeros(n, dtype=torch.bfloat16)}, updates, [1.0, 2.0, 3.0, 4.0])["w"],

@@ -329,6 +329,7 @@ def test_windows_give_one_add_per_update_bit_for_bit(cls, window, monkeypatch):
     """add_many over windows (blockwise on the CPU, one by one with a transform) gives the result
     of one add per update exactly: model, state and record, a zero-weight NaN update included."""
     monkeypatch.setattr(linear, "FOLD_BLOCK", 16)
+    monkeypatch.setattr(linear, "CONVERT_BLOCK", 16)
     gen = torch.Generator().manual_seed(14)
     base = random_state(gen)
     state_tensors = run(cls, base, [near(base, gen)], [5.0]).state  # server optimisers: a second round
