@@ -40,6 +40,7 @@ class EmbeddedSettings(CommonSettings):
     port: int = Field(default=0, ge=0, description="0 picks a free port")
     deadline_tick_s: float = 0.5
     keepalive_s: float = 15.0
+    idle_connection_s: int = Field(default=75, ge=1, description="idle HTTP connections stay open this long")
 
     def common(self) -> dict[str, Any]:
         """The shared settings every service gets, with paths under `data_dir`."""
@@ -120,7 +121,12 @@ class EmbeddedServer:
         sock.bind((s.host, s.port))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3, access_log=False
+            app,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=3,
+            access_log=False,
+            timeout_keep_alive=s.idle_connection_s,
         )
         self._server = uvicorn.Server(config)
         self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="uvicorn")

@@ -129,4 +129,10 @@ def main() -> None:
     except ValidationError as exc:
         raise SystemExit(f"fedhub api: invalid settings (is FEDHUB_ADMIN_TOKEN set?)\n{exc}") from exc
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_keep_alive=settings.idle_connection_s,
+    )

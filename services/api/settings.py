@@ -14,6 +14,14 @@ class ApiSettings(CommonSettings):
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="largest accepted request body")
     host: str = Field(default="127.0.0.1", description="interface the standalone server binds")
     port: int = Field(default=8000, ge=0, le=65535, description="port the standalone server listens on")
+    idle_connection_s: int = Field(
+        default=75,
+        ge=1,
+        description=(
+            "how long an idle client connection stays open; longer than a round, so that clients "
+            "waiting for the next one do not find their connection closed (uvicorn's default is 5 s)"
+        ),
+    )
     create_tables: bool = Field(
         default=False, description="create missing tables at start (SQLite, development); else migrate"
     )

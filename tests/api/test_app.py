@@ -165,3 +165,17 @@ async def test_metrics_count_real_requests_by_route_template(fedhub: Fedhub) -> 
     unmatched = {"app": "api", "route": "unmatched", "status": "404"}
     assert total(samples, "fedhub_http_request_duration_seconds_count", **unmatched) >= 1
     assert not any(("route", concrete) in labels for _, labels in samples), "a concrete path as a label"
+
+
+def test_main_keeps_idle_connections_open_longer_than_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fedhub api` passes FEDHUB_IDLE_CONNECTION_S to uvicorn: clients waiting for the next round
+    keep their connection (uvicorn alone closes it after 5 s, and the next request then fails)."""
+    import uvicorn
+
+    seen: dict[str, object] = {}
+    monkeypatch.setenv("FEDHUB_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("FEDHUB_IDLE_CONNECTION_S", "90")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
+    main()
+    assert seen["timeout_keep_alive"] == 90
+    assert ApiSettings(admin_token="x").idle_connection_s > 60

@@ -59,7 +59,10 @@ def _check_profile(leaf: dict[str, Any], clients: int, rounds: int, *, tests: bo
     profile = leaf["profile"]
     assert profile["upload"]["count"] >= clients * rounds  # a client may retry one under load
     assert profile["download"]["count"] >= clients * rounds
-    assert profile["test"]["count"] >= (clients * rounds if tests else 0)
+    if tests:
+        assert profile["test"]["count"] >= clients * rounds
+    else:
+        assert profile["test"]["count"] == 0
     assert profile["aggregation"]["job"]["count"] == rounds
     assert {"read", "decode", "validate", "aggregate", "store", "commit"} <= set(
         profile["aggregation"]["stages"]

@@ -91,3 +91,11 @@ async def test_a_training_shows_in_every_phase_metric(tmp_path: Path) -> None:
         after, before, "fedhub_message_delivery_seconds", consumer="aggregator", type="AggregateRound"
     )
     assert delivered == ROUNDS
+
+
+async def test_embedded_server_keeps_idle_connections_open_longer_than_a_round(tmp_path: Path) -> None:
+    """The embedded uvicorn keeps idle client connections for `idle_connection_s`, not uvicorn's 5 s."""
+    settings = EmbeddedSettings(data_dir=tmp_path, log_level="WARNING", idle_connection_s=120)
+    async with EmbeddedServer(settings) as server:
+        assert server._server is not None
+        assert server._server.config.timeout_keep_alive == 120
