@@ -75,12 +75,14 @@ def serve(
 ) -> None:
     """Run fedhub in embedded mode (all services, one process) until Ctrl-C."""
     from fedhub.embedded import EmbeddedServer, EmbeddedSettings
+    from shared.runtime import collect_less_often
 
     kwargs: dict[str, object] = {"data_dir": data_dir, "port": port}
     if admin_token:
         kwargs["admin_token"] = admin_token
     settings = EmbeddedSettings(**kwargs)  # type: ignore[arg-type]
     configure_logging(settings.log_level, settings.log_format)
+    collect_less_often()  # this process only serves
 
     async def _serve() -> None:
         stop = asyncio.Event()

@@ -12,7 +12,7 @@ import structlog
 
 from shared.health import HealthServer, bus_check, database_check
 from shared.logging import configure_logging
-from shared.runtime import Runtime, freeze_startup_heap
+from shared.runtime import Runtime, collect_less_often, freeze_startup_heap
 from shared.settings import CommonSettings
 
 log = structlog.get_logger(component="worker")
@@ -76,4 +76,5 @@ def worker_main(
 ) -> None:
     """A worker process's entry point: logging as configured, then `run_worker` until a signal."""
     configure_logging(settings.log_level, settings.log_format)
+    collect_less_often()
     asyncio.run(run_worker(name, settings, build, health_host=health_host, health_port=health_port))

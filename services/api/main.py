@@ -20,7 +20,7 @@ from shared.auth import PrincipalCache, ensure_admin
 from shared.errors import FedhubError, Unauthenticated
 from shared.http_metrics import RequestMetrics
 from shared.logging import configure_logging
-from shared.runtime import Runtime, freeze_startup_heap
+from shared.runtime import Runtime, collect_less_often, freeze_startup_heap
 
 log = structlog.get_logger(component="api")
 
@@ -129,6 +129,7 @@ def main() -> None:
     except ValidationError as exc:
         raise SystemExit(f"fedhub api: invalid settings (is FEDHUB_ADMIN_TOKEN set?)\n{exc}") from exc
     configure_logging(settings.log_level, settings.log_format)
+    collect_less_often()
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -25,7 +25,7 @@ from shared.bus.base import Envelope
 from shared.http_metrics import RequestMetrics, metrics_response
 from shared.logging import configure_logging
 from shared.messaging import Consumer
-from shared.runtime import Runtime, freeze_startup_heap
+from shared.runtime import Runtime, collect_less_often, freeze_startup_heap
 
 log = structlog.get_logger(component="notifier")
 
@@ -187,6 +187,7 @@ def main() -> None:
     """Run the notifier standalone with uvicorn (settings from `FEDHUB_*` environment variables)."""
     settings = NotifierSettings()
     configure_logging(settings.log_level, settings.log_format)
+    collect_less_often()
     app = create_app(settings)
 
     def end_streams() -> None:
