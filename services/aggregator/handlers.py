@@ -158,7 +158,7 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
                 await _plan(job, split, uow)
                 return
             try:
-                outcome = await aggregate_round(job, blobs, device)
+                outcome = await aggregate_round(job, blobs, device, fold_window=settings.fold_window)
             except JobRejected as exc:
                 await _fail(uow, job, exc)
                 return
@@ -178,7 +178,7 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
             if await uow.session.get(AggregationPart, (job.training_id, job.round, part.part)) is not None:
                 log.info("aggregation.part_already_done")
                 return
-            row = await _compute_part(part, blobs, device)
+            row = await _compute_part(part, blobs, device, settings.fold_window)
             uow.session.add(row)
             await uow.session.flush()
             done, total = (
@@ -295,12 +295,14 @@ async def _plan(job: AggregateRound, split: Split, uow: UnitOfWork) -> None:
     log.info("aggregation.split", kind=split.kind, parts=len(split.parts), num_updates=len(job.updates))
 
 
-async def _compute_part(part: AggregatePart, blobs: BlobStore, device: torch.device) -> AggregationPart:
+async def _compute_part(
+    part: AggregatePart, blobs: BlobStore, device: torch.device, fold_window: int
+) -> AggregationPart:
     """Run one part and store its result; its row (not yet added) says what it took, left out or failed."""
     job = part.round_job
     row = AggregationPart(training_id=job.training_id, round=job.round, part=part.part, record={})
     try:
-        pipeline = await open_round(job, blobs, device, tensors=part.tensors or None)
+        pipeline = await open_round(job, blobs, device, tensors=part.tensors or None, fold_window=fold_window)
     except JobRejected as exc:
         row.failure, row.accepted, row.rejected = exc.detail, [], []
         return row

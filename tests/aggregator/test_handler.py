@@ -573,3 +573,30 @@ async def test_a_redelivered_job_with_members_and_a_rejection_has_one_effect(
     async with runtime.uow() as uow:
         members = (await uow.session.scalars(select(ModelMember.update_id))).all()
     assert sorted(map(str, members)) == sorted(str(ref.update_id) for ref in r.job.updates[1:])
+
+
+@pytest.mark.parametrize("window", [1, 3])
+async def test_the_fold_window_setting_reaches_the_round(settings, runtime, outcomes, monkeypatch, window):
+    """FEDHUB_AGGREGATOR_FOLD_WINDOW is what the handler hands the pipeline; the model is the same."""
+    seen: list[int] = []
+    real_open = pipeline.open_round
+
+    async def open_noting(*args, **kwargs):
+        seen.append(kwargs["fold_window"])
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "open_round", open_noting)
+    service = Aggregator(settings.model_copy(update={"fold_window": window}), runtime)
+    await service.start()
+    try:
+        r = await seed_round(runtime, delete_updates_after=False)
+        await runtime.bus.publish([envelope_for(r.job)])
+        await settle(runtime, outcomes)
+    finally:
+        await service.stop()
+    assert seen == [window]
+    model = await model_of(runtime, r.training_id)
+    assert model is not None
+    result = records_to_state_dict(decode_tensors(await runtime.blobs.get(model.blob_key)))
+    expected = expected_average(r)
+    np.testing.assert_allclose(result["fc.weight"].numpy(), expected["fc.weight"], rtol=1e-5, atol=1e-6)
