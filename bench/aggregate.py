@@ -52,7 +52,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
@@ -66,7 +66,6 @@ from fedhub.distributed import (
     DEFAULT_DATABASE_URL,
     ClusterSettings,
     LocalCluster,
-    free_port,
 )
 from services.aggregator.methods import FedAvg, LinearMethod, Median, Method, RoundContext, TrimmedMean
 from services.aggregator.methods.coordinate import trim_count
@@ -493,38 +492,6 @@ def _dsn(database_url: str, database: str | None = None, *, driver: str = "postg
     return url.render_as_string(hide_password=False)
 
 
-class AggregatorCluster(LocalCluster):
-    """A `LocalCluster` of aggregator processes only (after migrating the database), with extra env."""
-
-    def __init__(self, settings: ClusterSettings, extra_env: dict[str, str]) -> None:
-        super().__init__(settings)
-        self.extra_env = extra_env
-
-    def _env(self, **extra: str) -> dict[str, str]:
-        return super()._env(**self.extra_env, **extra)
-
-    async def __aenter__(self) -> Self:
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._migrate)
-        for i in range(self.settings.aggregators):
-            port = free_port()
-            self._add(
-                f"aggregator-{i + 1}",
-                ["aggregator"],
-                port,
-                FEDHUB_AGGREGATOR_HEALTH_HOST="127.0.0.1",
-                FEDHUB_AGGREGATOR_HEALTH_PORT=str(port),
-            )
-        try:
-            for service in self.services.values():
-                service.start()
-            await self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-
 async def _pods_round(runtime: Runtime, base_key: str, update_keys: Sequence[str]) -> float:
     """Publish one FedAvg round's job and wait for its model row; the seconds it took."""
     training_id = uuid.uuid4()
@@ -566,12 +533,13 @@ async def _pods_count(
         log_dir=root / f"logs-{count}",
         log_level="WARNING",
         bus_namespace=namespace,
+        roles=frozenset({"aggregator"}),
+        extra_env={
+            "FEDHUB_AGGREGATOR_BATCH_SIZE": str(spec.batch_size),
+            "FEDHUB_AGGREGATOR_TORCH_THREADS": str(threads),
+            "FEDHUB_AGGREGATOR_DEVICE": "cpu",
+        },
     )
-    env = {
-        "FEDHUB_AGGREGATOR_BATCH_SIZE": str(spec.batch_size),
-        "FEDHUB_AGGREGATOR_TORCH_THREADS": str(threads),
-        "FEDHUB_AGGREGATOR_DEVICE": "cpu",
-    }
     common = CommonSettings(
         database_url=database_url,
         amqp_url=amqp_url,
@@ -581,7 +549,7 @@ async def _pods_count(
         log_level="WARNING",
     )
     base, updates = make_updates(CaseSpec(spec.updates, spec.params, torch.float32), seed=2)
-    async with AggregatorCluster(settings, env):
+    async with LocalCluster(settings):
         runtime = await Runtime.open(common)
         try:
             base_key = f"model/bench-base-{count}"

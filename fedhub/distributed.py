@@ -93,6 +93,10 @@ class ClusterSettings:
     deadline_tick_s: float = 0.5
     bus_namespace: str = "fedhub"
     """Prefix of the exchange and queue names, so that clusters sharing a broker stay apart."""
+    roles: frozenset[str] = frozenset({"api", "notifier", "orchestrator", "aggregator"})
+    """Which services to start (a bench of aggregators alone starts only "aggregator")."""
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """More environment for every process, e.g. `FEDHUB_AGGREGATOR_BATCH_SIZE`."""
 
 
 class LocalCluster:
@@ -133,6 +137,7 @@ class LocalCluster:
             FEDHUB_DEADLINE_TICK_S=str(s.deadline_tick_s),
             FEDHUB_BUS_NAMESPACE=s.bus_namespace,
         )
+        env.update(s.extra_env)
         env.update(extra)
         return env
 
@@ -150,23 +155,27 @@ class LocalCluster:
     async def __aenter__(self) -> Self:
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self._migrate)
-        self._add("api", ["api"], self.api_port, FEDHUB_HOST="127.0.0.1", FEDHUB_PORT=str(self.api_port))
-        self._add(
-            "notifier",
-            ["notifier"],
-            self.notifier_port,
-            FEDHUB_HOST="127.0.0.1",
-            FEDHUB_PORT=str(self.notifier_port),
-        )
-        port = free_port()
-        self._add(
-            "orchestrator",
-            ["orchestrator"],
-            port,
-            FEDHUB_HEALTH_HOST="127.0.0.1",
-            FEDHUB_HEALTH_PORT=str(port),
-        )
-        for i in range(self.settings.aggregators):
+        roles = self.settings.roles
+        if "api" in roles:
+            self._add("api", ["api"], self.api_port, FEDHUB_HOST="127.0.0.1", FEDHUB_PORT=str(self.api_port))
+        if "notifier" in roles:
+            self._add(
+                "notifier",
+                ["notifier"],
+                self.notifier_port,
+                FEDHUB_HOST="127.0.0.1",
+                FEDHUB_PORT=str(self.notifier_port),
+            )
+        if "orchestrator" in roles:
+            port = free_port()
+            self._add(
+                "orchestrator",
+                ["orchestrator"],
+                port,
+                FEDHUB_HEALTH_HOST="127.0.0.1",
+                FEDHUB_HEALTH_PORT=str(port),
+            )
+        for i in range(self.settings.aggregators if "aggregator" in roles else 0):
             port = free_port()
             self._add(
                 f"aggregator-{i + 1}",

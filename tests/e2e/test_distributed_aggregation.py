@@ -28,17 +28,6 @@ METHODS = ("fedavg", "median")
 """A linear method (split into batches of updates) and a coordinate-wise one (split into shards)."""
 
 
-class SplitCluster(LocalCluster):
-    """A `LocalCluster` whose processes also get `extra_env` (the aggregators read their batch size)."""
-
-    def __init__(self, settings: ClusterSettings, extra_env: dict[str, str]) -> None:
-        super().__init__(settings)
-        self.extra_env = extra_env
-
-    def _env(self, **extra: str) -> dict[str, str]:
-        return super()._env(**self.extra_env, **extra)
-
-
 @dataclass
 class Run:
     """The round-1 model of each training, by method, and how many parts each round was split into."""
@@ -70,12 +59,12 @@ async def _run(database: str, log_dir: Path, aggregators: int, batch_size: int |
         aggregators=aggregators,
         log_dir=log_dir,
         bus_namespace=f"fedhub-split-{uuid4().hex[:8]}",
+        extra_env={"FEDHUB_AGGREGATOR_BATCH_SIZE": str(batch_size)} if batch_size is not None else {},
     )
-    env = {"FEDHUB_AGGREGATOR_BATCH_SIZE": str(batch_size)} if batch_size is not None else {}
     workload = DemoWorkload.create(CLIENTS, seed=3)
     models: dict[str, dict[str, torch.Tensor]] = {}
     training_ids: dict[str, UUID] = {}
-    async with SplitCluster(settings, env) as cluster:
+    async with LocalCluster(settings) as cluster:
         actor = ActorClient(cluster.base_url, cluster.admin_token, events_url=cluster.events_url)
         initial = workload.initial_weights()
         model = await actor.upload_model(initial)
