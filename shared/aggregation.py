@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import MalformedPayload
 
@@ -186,6 +186,14 @@ class AggregationSpec(BaseModel):
     max_update_norm: _Positive | None = None
     """Updates whose delta to the global model has a larger L2 norm (over all tensors) are rejected."""
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _known_method(cls, value: object) -> object:
+        if isinstance(value, str) and value not in AggregationMethod.__members__.values():
+            known = ", ".join(m.value for m in AggregationMethod)
+            raise ValueError(f"unknown aggregation method {value!r} (known: {known})")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> AggregationSpec:
         try:
@@ -196,7 +204,9 @@ class AggregationSpec(BaseModel):
             try:
                 re.compile(self.exclude_vars)
             except re.error as exc:
-                raise ValueError(f"exclude_vars is not a valid regular expression: {exc}") from None
+                raise ValueError(
+                    f"exclude_vars {self.exclude_vars!r} is not a valid regular expression: {exc}"
+                ) from None
         return self
 
     def typed_params(self) -> MethodParams:

@@ -1,4 +1,7 @@
-"""Vocabulary every service agrees on: roles, training states, round phases (aggregation methods: shared.aggregation)."""
+"""Vocabulary every service agrees on: roles, training states, round phases.
+
+Aggregation methods and their parameters are in `shared.aggregation`.
+"""
 
 from __future__ import annotations
 
