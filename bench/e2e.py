@@ -759,7 +759,7 @@ def _round_goal(workload: str, mode: str, n: str) -> float | None:
 
 def _rss_goal(mode: str, name: str) -> float | None:
     if mode == "embedded":
-        return GOAL_EMBEDDED_MIB
+        return GOAL_EMBEDDED_MIB if name == "embedded" else None
     return GOAL_SERVICE_MIB if name in GOAL_SERVICES else None
 
 
@@ -800,7 +800,10 @@ def print_table(results: dict[str, Any]) -> None:
     for mode, leaf in results.get("A", {}).items():
         if "accuracy" in leaf:
             console.print(f"A {mode} accuracy (initial first): {leaf['accuracy']}")
-    console.print("embedded RSS is the bench process: the server and the simulated clients together.")
+    console.print(
+        "embedded is the `fedhub serve` process (with --embedded-in-process: the bench process, clients "
+        "included); `bench (clients)` is the simulated clients' process."
+    )
 
 
 def _profile_rows(profile: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
