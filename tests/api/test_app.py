@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from uuid import UUID
 
@@ -176,6 +177,10 @@ def test_main_keeps_idle_connections_open_longer_than_a_round(monkeypatch: pytes
     monkeypatch.setenv("FEDHUB_ADMIN_TOKEN", ADMIN_TOKEN)
     monkeypatch.setenv("FEDHUB_IDLE_CONNECTION_S", "90")
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
-    main()
+    thresholds = gc.get_threshold()
+    try:
+        main()
+    finally:
+        gc.set_threshold(*thresholds)  # main() tunes the collector for a serving process
     assert seen["timeout_keep_alive"] == 90
     assert ApiSettings(admin_token="x").idle_connection_s > 60
