@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
-import structlog
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import create_engine, create_schema, session_factory
 from shared.db.models import Principal
-from shared.db.sqlite import WriterQueue
+from shared.db.sqlite import LoopConnection, WriterQueue
 from shared.enums import Role
 
 
@@ -130,29 +131,37 @@ async def test_many_concurrent_writers_all_commit(engine: AsyncEngine) -> None:
     assert await _count(engine) == 50
 
 
-async def test_a_lock_held_by_another_process_is_waited_for_off_the_loop(tmp_path: Path) -> None:
+async def test_a_lock_held_by_another_process_is_waited_for_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A write while another connection (another process) holds the lock waits in a thread; the
     loop keeps running meanwhile, and the write commits once the lock is released."""
     path = tmp_path / "busy.db"
     eng = create_engine(f"sqlite+aiosqlite:///{path}", sqlite_busy_timeout_s=30)
     await create_schema(eng)
+    waiting_in_thread = threading.Event()
+    real_waiting = LoopConnection._waiting
+
+    def noting_waiting(self: LoopConnection, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        waiting_in_thread.set()
+        return real_waiting(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(LoopConnection, "_waiting", noting_waiting)
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # holds the write lock as another process would
     try:
-        with structlog.testing.capture_logs() as logs:
 
-            async def write() -> None:
-                async with session_factory(eng)() as session, session.begin():
-                    session.add(_principal("patient"))
+        async def write() -> None:
+            async with session_factory(eng)() as session, session.begin():
+                session.add(_principal("patient"))
 
-            task = asyncio.create_task(write())
-            await wait_until(
-                lambda: any(e["event"] == "sqlite.busy_elsewhere" for e in logs), "the write to wait"
-            )
-            # This coroutine ran while the write waited: the wait is not on the loop.
-            assert not task.done()
-            other.execute("COMMIT")
-            await asyncio.wait_for(task, timeout=20)
+        task = asyncio.create_task(write())
+        await wait_until(waiting_in_thread.is_set, "the write to wait")
+        # This coroutine ran while the write waited: the wait is not on the loop.
+        assert threading.current_thread() is threading.main_thread()
+        assert not task.done()
+        other.execute("COMMIT")
+        await asyncio.wait_for(task, timeout=20)
         assert await _count(eng) == 1
     finally:
         other.close()
