@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections import deque
+from collections.abc import Iterable, Sequence
+from uuid import UUID
 
 import structlog
 from sqlalchemy import delete, select
@@ -14,13 +16,25 @@ from shared.db.models import OutboxMessage
 
 log = structlog.get_logger(component="outbox.relay")
 
+HandedRow = tuple[int, Envelope]
+"""An outbox row a unit of work committed: its id and the envelope it holds."""
+
 
 class OutboxRelay:
-    """Moves outbox rows to the bus: woken after each commit, polling as a fallback.
+    """Moves outbox rows to the bus: handed over by each commit, polling as a fallback.
 
-    At-least-once: a crash between publish and delete republishes the batch; consumers' inboxes
-    drop the duplicates. On PostgreSQL rows are claimed with SKIP LOCKED so relays in several
-    processes do not publish the same rows concurrently.
+    A unit of work of this process hands its committed rows over (`RelayWake.hand_off`): the relay
+    publishes them in commit order without reading them back, and deletes them afterwards in batches
+    (on SQLite; on PostgreSQL it claims them with a `DELETE ... RETURNING` first, see
+    `_publish_handed`). The poll pass (every `poll_s`, after a plain `wake()`, and in `drain`)
+    publishes what was not handed over: rows of another process, of a process that died between
+    commit and publish, of a unit of work without a relay. It skips the rows a unit of work has
+    reserved for its hand-off (from just before its commit until the row is deleted), so the normal
+    path publishes each row once.
+
+    At-least-once: a crash between publish and delete republishes the row; consumers' inboxes drop
+    the duplicates. On PostgreSQL rows are claimed with SKIP LOCKED so relays in several processes
+    do not publish the same rows concurrently.
     """
 
     def __init__(
@@ -31,15 +45,25 @@ class OutboxRelay:
         self._poll_s = poll_s
         self._batch = batch
         self._wake = asyncio.Event()
+        self._poll_asked = False
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-
-    def wake(self) -> None:
-        """Ask for a publish pass now (called after every commit that wrote to the outbox)."""
-        self._wake.set()
+        self._publishing = asyncio.Lock()
+        """One publication at a time (the loop's and a caller's `drain`): order, and no row twice."""
+        self._handed: deque[HandedRow] = deque()
+        """Committed rows handed over, in commit order, waiting to be published."""
+        self._reserved: set[UUID] = set()
+        """Message ids of handed-over rows (from before their commit to their deletion): polls skip them."""
+        self._published: list[HandedRow] = []
+        """Handed-over rows published and not yet deleted (SQLite)."""
+        self._deleter: asyncio.Task[None] | None = None
+        self._postgres: bool | None = None
+        self.wake = RelayWake(self)
+        """Called after a commit (asks for a poll pass); units of work hand their rows over through it."""
 
     def start(self) -> None:
         """Start the relay loop."""
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def stop(self) -> None:
@@ -56,50 +80,188 @@ class OutboxRelay:
         self._task = None
         await self.drain()
 
+    def _reserve(self, message_ids: Iterable[UUID]) -> bool:
+        """Keep polls off these rows, about to commit; False (nothing reserved) when not running."""
+        if self._task is None or self._stopping:
+            return False
+        self._reserved.update(message_ids)
+        return True
+
+    def _release(self, message_ids: Iterable[UUID]) -> None:
+        """The reserving transaction did not commit: nothing to hand over."""
+        self._reserved.difference_update(message_ids)
+
+    def _hand_off(self, rows: Sequence[HandedRow]) -> None:
+        """Committed rows (reserved before the commit) to publish next, in this order."""
+        self._handed.extend(rows)
+        self._wake.set()
+
+    def _ask_poll(self) -> None:
+        self._poll_asked = True
+        self._wake.set()
+
     async def _run(self) -> None:
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
+            timed_out = False
+            try:
                 async with asyncio.timeout(self._poll_s):
                     await self._wake.wait()
+            except TimeoutError:
+                timed_out = True
             self._wake.clear()
             if self._stopping:
                 return
+            poll, self._poll_asked = timed_out or self._poll_asked, False
             try:
-                await self.drain()
+                async with self._publishing:
+                    await self._publish_handed()
+                    if poll:
+                        await self._poll()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("outbox.relay_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def drain(self) -> int:
-        """Publish every committed outbox row; return how many were published."""
+        """Publish every committed outbox row, delete what was published; return how many were."""
+        async with self._publishing:
+            total = await self._publish_handed()
+            total += await self._poll()
+        if self._deleter is not None:
+            await self._deleter
+        if self._published:  # a deletion that failed in the background: this time the caller sees why
+            await self._delete_published(raising=True)
+        return total
+
+    async def _publish_handed(self) -> int:
+        """Publish the handed-over rows; on failure they stay first in line for the next pass."""
         total = 0
+        while self._handed:
+            rows = [self._handed.popleft() for _ in range(min(len(self._handed), self._batch))]
+            try:
+                total += await self._publish_rows(rows)
+            except BaseException:
+                self._handed.extendleft(reversed(rows))
+                raise
+        return total
+
+    async def _publish_rows(self, rows: list[HandedRow]) -> int:
+        if self._postgres is None:
+            async with self._sessions() as session:
+                self._postgres = session.get_bind().dialect.name == "postgresql"
+        if not self._postgres:
+            # One process serves a SQLite file: the reservation alone keeps its polls away, and the
+            # deletion (a writer's turn, behind the transactions ahead) need not hold up delivery.
+            await self._bus.publish([envelope for _, envelope in rows])
+            self._published.extend(rows)
+            if self._deleter is None or self._deleter.done():
+                self._deleter = asyncio.create_task(self._delete_published(), name="outbox-delete")
+            return len(rows)
+        async with self._sessions() as session:
+            # Another process's relay may have claimed a row since the commit (FOR UPDATE SKIP
+            # LOCKED, before the reservation could be seen): the DELETE waits for it, and publishes
+            # only what it removed itself. Published, then committed: a crash republishes.
+            async with session.begin():
+                removed = set(
+                    (
+                        await session.scalars(
+                            delete(OutboxMessage)
+                            .where(OutboxMessage.id.in_([row_id for row_id, _ in rows]))
+                            .returning(OutboxMessage.message_id)
+                        )
+                    ).all()
+                )
+                envelopes = [envelope for _, envelope in rows if envelope.message_id in removed]
+                if envelopes:
+                    await self._bus.publish(envelopes)
+            self._reserved.difference_update(envelope.message_id for _, envelope in rows)
+            return len(envelopes)
+
+    async def _delete_published(self, *, raising: bool = False) -> None:
+        """Delete the rows published from the hand-off, in batches, until none are left."""
+        while self._published:
+            rows, self._published = self._published, []
+            try:
+                async with self._sessions() as session, session.begin():
+                    await session.execute(
+                        delete(OutboxMessage).where(
+                            OutboxMessage.id.in_([row_id for row_id, _ in rows]),
+                            OutboxMessage.message_id.in_([envelope.message_id for _, envelope in rows]),
+                        )
+                    )
+            except Exception as exc:
+                self._published[:0] = rows  # still reserved: deleted on the next try
+                if raising:
+                    raise
+                log.warning("outbox.delete_failed", error=f"{type(exc).__name__}: {exc}")
+                return
+            # Under the lock: a poll pass that read these rows before the deletion still skips them.
+            async with self._publishing:
+                self._reserved.difference_update(envelope.message_id for _, envelope in rows)
+
+    async def _poll(self) -> int:
+        """Publish every committed row nobody handed over, in id order."""
+        total, after = 0, 0
         while True:
-            published = await self._publish_batch()
+            published, after, full = await self._poll_batch(after)
             total += published
-            if published < self._batch:
+            if not full:
                 return total
 
-    async def _publish_batch(self) -> int:
+    async def _poll_batch(self, after: int) -> tuple[int, int, bool]:
         async with self._sessions() as session, session.begin():
-            query = select(OutboxMessage).order_by(OutboxMessage.id).limit(self._batch)
+            query = (
+                select(OutboxMessage)
+                .where(OutboxMessage.id > after)
+                .order_by(OutboxMessage.id)
+                .limit(self._batch)
+            )
             if session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             rows = (await session.scalars(query)).all()
             if not rows:
-                return 0
-            await self._bus.publish(
-                [
-                    Envelope(
-                        message_id=r.message_id,
-                        type=r.type,
-                        routing_key=r.routing_key,
-                        body=r.body,
-                        correlation_id=r.correlation_id,
-                        created_at=r.created_at,
-                    )
-                    for r in rows
-                ]
-            )
-            await session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_([r.id for r in rows])))
-            return len(rows)
+                return 0, after, False
+            # Checked after the read: a row visible to it committed after its reservation.
+            mine = [r for r in rows if r.message_id not in self._reserved]
+            if mine:
+                await self._bus.publish(
+                    [
+                        Envelope(
+                            message_id=r.message_id,
+                            type=r.type,
+                            routing_key=r.routing_key,
+                            body=r.body,
+                            correlation_id=r.correlation_id,
+                            created_at=r.created_at,
+                        )
+                        for r in mine
+                    ]
+                )
+                await session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_([r.id for r in mine])))
+            return len(mine), rows[-1].id, len(rows) == self._batch
+
+
+class RelayWake:
+    """`relay.wake`: called after a commit that wrote to the outbox, it asks for a poll pass.
+
+    A unit of work holding it hands its rows over instead: `reserve` before its commit (so no poll
+    pass publishes them meanwhile), then `hand_off` right after it, or `release` if it failed.
+    """
+
+    def __init__(self, relay: OutboxRelay) -> None:
+        self._relay = relay
+
+    def __call__(self) -> None:
+        self._relay._ask_poll()
+
+    def reserve(self, message_ids: Iterable[UUID]) -> bool:
+        """Reserve rows about to commit; False when the relay is not running (leave them to a poll)."""
+        return self._relay._reserve(message_ids)
+
+    def release(self, message_ids: Iterable[UUID]) -> None:
+        """Drop a reservation whose transaction did not commit."""
+        self._relay._release(message_ids)
+
+    def hand_off(self, rows: Sequence[HandedRow]) -> None:
+        """Publish these committed, reserved rows next, in this order."""
+        self._relay._hand_off(rows)

@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self, runtime_checkable
 from uuid import UUID
 
 import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.bus.base import envelope_for
+from shared.bus.base import Envelope, envelope_for
 from shared.db.models import InboxMessage, OutboxMessage
 from shared.events import Message
 
 log = structlog.get_logger(component="uow")
 
 
+@runtime_checkable
+class OutboxHandOff(Protocol):
+    """An `on_commit` that takes a unit of work's committed outbox rows (the relay's `wake`)."""
+
+    def __call__(self) -> None: ...
+
+    def reserve(self, message_ids: Iterable[UUID]) -> bool: ...
+
+    def release(self, message_ids: Iterable[UUID]) -> None: ...
+
+    def hand_off(self, rows: Sequence[tuple[int, Envelope]]) -> None: ...
+
+
 class UnitOfWork:
     """`async with uow:` opens a transaction that commits on success and rolls back on error.
 
     Only this boundary commits; code inside calls `flush()` at most. Messages added with `emit`
-    are written to the outbox in the same transaction and published by the relay after commit.
+    are written to the outbox in the same transaction and published by the relay after commit:
+    when `on_commit` is the relay's hand-off, the rows go to it straight from the commit (in commit
+    order, without the relay reading them back); otherwise `on_commit()` wakes it to poll.
     """
 
     def __init__(
@@ -32,6 +47,7 @@ class UnitOfWork:
         self._on_commit = on_commit
         self._session: AsyncSession | None = None
         self._emitted = 0
+        self._outbox: list[OutboxMessage] = []
         self._unchanged = False
         self._after_commit: list[Callable[[], Awaitable[None] | None]] = []
         self._on_rollback: list[Callable[[], Awaitable[None]]] = []
@@ -51,6 +67,7 @@ class UnitOfWork:
     async def __aenter__(self) -> Self:
         self._session = self._sessions()
         self._emitted = 0
+        self._outbox = []
         self._unchanged = False
         self._after_commit = []
         self._on_rollback = []
@@ -61,12 +78,26 @@ class UnitOfWork:
     ) -> None:
         session = self.session
         undo, self._on_rollback = self._on_rollback, []
+        outbox, self._outbox = self._outbox, []
+        handing: OutboxHandOff | None = None
+        rows: list[tuple[int, Envelope]] = []
         try:
             if exc_type is None:
+                handoff = self._on_commit
+                if outbox and isinstance(handoff, OutboxHandOff):
+                    await session.flush()  # the rows' ids and times
+                    rows = [(row.id, _envelope(row)) for row in outbox]
+                    if handoff.reserve(envelope.message_id for _, envelope in rows):
+                        handing = handoff
                 await session.commit()
+                if handing is not None:
+                    # No await between the commit and the hand-off: publication follows commit order.
+                    handing.hand_off(rows)
             else:
                 await session.rollback()
         except BaseException:
+            if handing is not None:
+                handing.release(row.message_id for row in outbox)
             await _best_effort(undo)
             raise
         finally:
@@ -75,7 +106,7 @@ class UnitOfWork:
         if exc_type is not None:
             await _best_effort(undo)
         else:
-            if self._emitted and self._on_commit is not None:
+            if self._emitted and self._on_commit is not None and handing is None:
                 self._on_commit()
             callbacks, self._after_commit = self._after_commit, []
             for callback in callbacks:
@@ -122,15 +153,15 @@ class UnitOfWork:
     ) -> UUID:
         """Write `message` to the outbox in this transaction; return its message id."""
         env = envelope_for(message, correlation_id=correlation_id, message_id=message_id)
-        self.session.add(
-            OutboxMessage(
-                message_id=env.message_id,
-                type=env.type,
-                routing_key=env.routing_key,
-                body=env.body,
-                correlation_id=env.correlation_id,
-            )
+        row = OutboxMessage(
+            message_id=env.message_id,
+            type=env.type,
+            routing_key=env.routing_key,
+            body=env.body,
+            correlation_id=env.correlation_id,
         )
+        self.session.add(row)
+        self._outbox.append(row)
         self._emitted += 1
         return env.message_id
 
@@ -149,6 +180,17 @@ class UnitOfWork:
             return False
         self.session.add(InboxMessage(consumer=consumer, message_id=message_id))
         return True
+
+
+def _envelope(row: OutboxMessage) -> Envelope:
+    return Envelope(
+        message_id=row.message_id,
+        type=row.type,
+        routing_key=row.routing_key,
+        body=row.body,
+        correlation_id=row.correlation_id,
+        created_at=row.created_at,
+    )
 
 
 async def _best_effort(callbacks: list[Callable[[], Awaitable[None]]]) -> None:

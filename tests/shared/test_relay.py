@@ -1,0 +1,134 @@
+"""The outbox relay's hand-off (SQLite): committed rows go to the bus in commit order, once, and a
+poll pass never republishes a handed-over row; rows no running relay took stay for the next one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Sequence
+from uuid import uuid4
+
+from sqlalchemy import func, select
+
+from shared.bus import Envelope, InMemoryBus
+from shared.db.models import InboxMessage, OutboxMessage
+from shared.db.relay import OutboxRelay
+from shared.events import UpdateReceived
+from shared.runtime import Runtime
+from shared.settings import CommonSettings
+from tests.shared.test_uow import listen, update_received, wait_until
+
+
+async def outbox_rows(runtime: Runtime) -> int:
+    """Rows waiting in the outbox."""
+    async with runtime.uow() as uow:
+        return await uow.session.scalar(select(func.count()).select_from(OutboxMessage)) or 0
+
+
+class GatedBus(InMemoryBus):
+    """The in-memory bus, counting every envelope published; a publish waits while `gate` is clear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = asyncio.Event()
+        self.published: Counter[object] = Counter()
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        self.published.update(e.message_id for e in envelopes)
+        self.waiting.set()
+        await self.gate.wait()
+        await super().publish(envelopes)
+
+
+async def test_committed_rows_are_published_in_commit_order(runtime):
+    """Units of work committed one after another reach a consumer in that order, with no poll pass."""
+    received = await listen(runtime, UpdateReceived.routing_key)
+    sent = []
+    for n in range(20):
+        async with runtime.uow() as uow:
+            sent += [uow.emit(update_received()) for _ in range(1 + n % 3)]
+    await wait_until(lambda: len(received) == len(sent), "every message")
+    assert [e.message_id for e in received] == sent
+    deadline = asyncio.get_running_loop().time() + 10
+    while await outbox_rows(runtime):
+        assert asyncio.get_running_loop().time() < deadline, "published rows stayed in the outbox"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_poll_skips_a_handed_row_published_but_not_yet_deleted(tmp_path):
+    """While a handed-over row's deletion waits for the writer's turn, a drain reads it and skips it."""
+    bus = GatedBus()
+    settings = CommonSettings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'fedhub.db'}",
+        blob_path=tmp_path / "blobs",
+        outbox_poll_s=60,
+    )
+    runtime = await Runtime.open(settings, bus=bus, create_tables=True)
+    try:
+        bus.gate.clear()
+        async with runtime.uow() as uow:
+            message_id = uow.emit(update_received())
+        await asyncio.wait_for(bus.waiting.wait(), 10)  # the hand-off is publishing it
+        # Hold the writer's turn, so the deletion that follows the publish has to wait.
+        holder = runtime.uow.sessions()
+        holder.add(InboxMessage(consumer="test-holder", message_id=uuid4()))
+        await holder.flush()
+        bus.gate.set()
+        drain = asyncio.create_task(runtime.relay.drain())
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert await outbox_rows(runtime) == 1, "the row outlives its publication until deleted"
+        await holder.rollback()
+        await holder.close()
+        assert await asyncio.wait_for(drain, 10) == 0, "the drain republished a handed-over row"
+        assert bus.published[message_id] == 1
+        assert await outbox_rows(runtime) == 0
+    finally:
+        await runtime.close()
+
+
+async def test_rows_committed_without_a_running_relay_stay_for_the_next(runtime):
+    """After `stop`, a commit hands nothing over: its row stays, and a new relay publishes it once."""
+    await runtime.relay.stop()
+    async with runtime.uow() as uow:
+        message_id = uow.emit(update_received())
+    assert await outbox_rows(runtime) == 1
+    bus = GatedBus()
+    successor = OutboxRelay(runtime.uow.sessions, bus, poll_s=60)
+    received = await listen_on(bus)
+    assert await successor.drain() == 1
+    await wait_until(lambda: bool(received), "the left-over message")
+    assert [e.message_id for e in received] == [message_id]
+    assert await outbox_rows(runtime) == 0
+
+
+async def test_a_failed_commit_releases_its_reservation(runtime):
+    """A unit of work that fails to write its row hands nothing over; the relay goes on in order."""
+    received = await listen(runtime, UpdateReceived.routing_key)
+    duplicate = uuid4()
+    async with runtime.uow() as uow:
+        uow.emit(update_received(), message_id=duplicate)
+    failed = False
+    try:
+        async with runtime.uow() as uow:
+            uow.emit(update_received(), message_id=duplicate)  # the outbox's message_id is unique
+    except Exception:
+        failed = True
+    assert failed
+    async with runtime.uow() as uow:
+        fence = uow.emit(update_received())
+    await wait_until(lambda: len(received) == 2, "the first message and the fence")
+    assert [e.message_id for e in received] == [duplicate, fence]
+
+
+async def listen_on(bus: InMemoryBus) -> list[Envelope]:
+    """Bind a fresh queue of `bus` to update messages; the returned list fills with deliveries."""
+    received: list[Envelope] = []
+
+    async def handle(env: Envelope) -> None:
+        received.append(env)
+
+    await bus.subscribe(f"test-relay-{uuid4().hex}", [UpdateReceived.routing_key], handle)
+    return received
