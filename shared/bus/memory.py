@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import structlog
 
@@ -22,6 +23,10 @@ class _Queue:
 
 class InMemoryBus(Bus):
     """Durable only for the life of the process; retries with backoff, then dead-letters."""
+
+    publish_completes_inline: ClassVar[bool] = True
+    """`publish` routes without ever suspending, so the outbox relay may run it inside the task that
+    committed (no loop turn in between). A subclass whose `publish` waits for anything sets False."""
 
     def __init__(self, *, max_attempts: int = 5, retry_base_s: float = 0.05) -> None:
         self.max_attempts = max_attempts

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any
 from uuid import UUID
 
 import structlog
@@ -12,6 +13,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.bus.base import Bus, Envelope
+from shared.bus.memory import InMemoryBus
 from shared.db.models import OutboxMessage
 
 log = structlog.get_logger(component="outbox.relay")
@@ -57,7 +59,11 @@ class OutboxRelay:
         self._published: list[HandedRow] = []
         """Handed-over rows published and not yet deleted (SQLite)."""
         self._deleter: asyncio.Task[None] | None = None
-        self._postgres: bool | None = None
+        self._handing = False
+        """The loop is publishing handed-over rows (a publish that suspends): later ones wait their turn."""
+        bind = sessions.kw.get("bind")
+        self._postgres: bool | None = None if bind is None else bind.dialect.name == "postgresql"
+        self._inline = isinstance(bus, InMemoryBus) and bus.publish_completes_inline
         self.wake = RelayWake(self)
         """Called after a commit (asks for a poll pass); units of work hand their rows over through it."""
 
@@ -92,9 +98,28 @@ class OutboxRelay:
         self._reserved.difference_update(message_ids)
 
     def _hand_off(self, rows: Sequence[HandedRow]) -> None:
-        """Committed rows (reserved before the commit) to publish next, in this order."""
+        """Committed rows (reserved before the commit) to publish next, in this order.
+
+        On the in-memory bus with a SQLite file, and nothing handed over before them still waiting,
+        they are published right here, in the committing task: the relay's wake-up would wait its
+        turn behind everything else ready on a busy loop (2-6 ms per hop in a round of workload A).
+        """
+        if self._inline and self._postgres is False and not self._handed and not self._handing:
+            try:
+                _run_inline(self._bus.publish([envelope for _, envelope in rows]))
+            except Exception as exc:
+                log.warning("outbox.inline_publish_failed", error=f"{type(exc).__name__}: {exc}")
+            else:
+                self._published_now(rows)
+                return
         self._handed.extend(rows)
         self._wake.set()
+
+    def _published_now(self, rows: Sequence[HandedRow]) -> None:
+        """Queue the deletion of published handed-over rows (SQLite)."""
+        self._published.extend(rows)
+        if self._deleter is None or self._deleter.done():
+            self._deleter = asyncio.create_task(self._delete_published(), name="outbox-delete")
 
     def _ask_poll(self) -> None:
         self._poll_asked = True
@@ -138,11 +163,14 @@ class OutboxRelay:
         total = 0
         while self._handed:
             rows = [self._handed.popleft() for _ in range(min(len(self._handed), self._batch))]
+            self._handing = True
             try:
                 total += await self._publish_rows(rows)
             except BaseException:
                 self._handed.extendleft(reversed(rows))
                 raise
+            finally:
+                self._handing = False
         return total
 
     async def _publish_rows(self, rows: list[HandedRow]) -> int:
@@ -153,9 +181,7 @@ class OutboxRelay:
             # One process serves a SQLite file: the reservation alone keeps its polls away, and the
             # deletion (a writer's turn, behind the transactions ahead) need not hold up delivery.
             await self._bus.publish([envelope for _, envelope in rows])
-            self._published.extend(rows)
-            if self._deleter is None or self._deleter.done():
-                self._deleter = asyncio.create_task(self._delete_published(), name="outbox-delete")
+            self._published_now(rows)
             return len(rows)
         async with self._sessions() as session:
             # Another process's relay may have claimed a row since the commit (FOR UPDATE SKIP
@@ -239,6 +265,16 @@ class OutboxRelay:
                 )
                 await session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_([r.id for r in mine])))
             return len(mine), rows[-1].id, len(rows) == self._batch
+
+
+def _run_inline(publish: Coroutine[Any, Any, None]) -> None:
+    """Run a publish that completes without suspending (`InMemoryBus.publish_completes_inline`) here."""
+    try:
+        publish.send(None)
+    except StopIteration:
+        return
+    publish.close()
+    raise RuntimeError("the bus's publish suspended: publish_completes_inline does not hold")
 
 
 class RelayWake:

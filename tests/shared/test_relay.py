@@ -28,6 +28,8 @@ async def outbox_rows(runtime: Runtime) -> int:
 class GatedBus(InMemoryBus):
     """The in-memory bus, counting every envelope published; a publish waits while `gate` is clear."""
 
+    publish_completes_inline = False
+
     def __init__(self) -> None:
         super().__init__()
         self.gate = asyncio.Event()
@@ -132,3 +134,25 @@ async def listen_on(bus: InMemoryBus) -> list[Envelope]:
 
     await bus.subscribe(f"test-relay-{uuid4().hex}", [UpdateReceived.routing_key], handle)
     return received
+
+
+async def test_the_in_memory_bus_gets_the_rows_in_the_committing_task(tmp_path):
+    """On the in-memory bus a commit publishes its rows before the unit of work returns: no loop turn."""
+    bus = GatedBus()
+    bus.publish_completes_inline = True  # the gate stays open: its publish never suspends
+    settings = CommonSettings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'fedhub.db'}",
+        blob_path=tmp_path / "blobs",
+        outbox_poll_s=60,
+    )
+    runtime = await Runtime.open(settings, bus=bus, create_tables=True)
+    try:
+        async with runtime.uow() as uow:
+            first = uow.emit(update_received())
+            second = uow.emit(update_received())
+        assert list(bus.published) == [first, second], "published, in order, before any other task ran"
+        await runtime.relay.drain()
+        assert bus.published == Counter({first: 1, second: 1})
+        assert await outbox_rows(runtime) == 0
+    finally:
+        await runtime.close()
