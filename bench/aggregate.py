@@ -534,6 +534,7 @@ async def _pods_count(
         log_level="WARNING",
         bus_namespace=namespace,
         roles=frozenset({"aggregator"}),
+        delete_bus_namespace=True,
         extra_env={
             "FEDHUB_AGGREGATOR_BATCH_SIZE": str(spec.batch_size),
             "FEDHUB_AGGREGATOR_TORCH_THREADS": str(threads),

@@ -216,6 +216,7 @@ async def serve(mode: str, config: BenchConfig) -> AsyncIterator[tuple[Server, d
                 log_dir=data_dir / "logs",
                 log_level=config.log_level,
                 bus_namespace=f"fedhub-bench-{uuid4().hex[:8]}",
+                delete_bus_namespace=True,
             )
             async with LocalCluster(cluster_settings) as cluster:
                 pids = {

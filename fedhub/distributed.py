@@ -24,8 +24,12 @@ from typing import Self
 
 import httpx
 
+from shared.bus.rabbitmq import RabbitMQBus
+
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+CONSUMER_QUEUES = ("orchestrator", "aggregator", "notifier")
+"""The queues the services consume from (each under the cluster's namespace)."""
 
 
 def free_port() -> int:
@@ -97,6 +101,9 @@ class ClusterSettings:
     """Which services to start (a bench of aggregators alone starts only "aggregator")."""
     extra_env: dict[str, str] = field(default_factory=dict)
     """More environment for every process, e.g. `FEDHUB_AGGREGATOR_BATCH_SIZE`."""
+    delete_bus_namespace: bool = False
+    """Delete the namespace's queues and exchange when the cluster stops (tests and benchmarks on a
+    shared broker); the demo keeps its durable `fedhub` namespace."""
 
 
 class LocalCluster:
@@ -197,6 +204,18 @@ class LocalCluster:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await asyncio.to_thread(self.stop)
+        if self.settings.delete_bus_namespace:
+            await self.delete_bus_namespace()
+
+    async def delete_bus_namespace(self) -> None:
+        """Delete this cluster's queues and exchange from the broker (its processes are stopped)."""
+        ns = self.settings.bus_namespace
+        bus = RabbitMQBus(self.settings.amqp_url, exchange=f"{ns}.events", queue_prefix=f"{ns}.")
+        await bus.start()
+        try:
+            await bus.delete_namespace(CONSUMER_QUEUES)
+        finally:
+            await bus.close()
 
     def _migrate(self) -> None:
         result = subprocess.run(

@@ -245,6 +245,21 @@ class RabbitMQBus(Bus):
         finally:
             await channel.close()
 
+    async def delete_namespace(self, queues: Iterable[str]) -> None:
+        """Delete these consumers' queues (with their retry and dead queues) and the exchange.
+
+        For clusters that live only as long as a test or a benchmark run on a shared broker.
+        """
+        for queue in queues:
+            await self.delete_queue(queue)
+        if self._connection is None:
+            raise RuntimeError("the RabbitMQ bus is not started")
+        channel = await self._connection.channel()
+        try:
+            await channel.exchange_delete(self.exchange_name)
+        finally:
+            await channel.close()
+
     def _delivered(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:

@@ -9,7 +9,6 @@ work doing it is in flight until the test lets it go, and the broker shows who h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import threading
 from collections.abc import AsyncIterator, Coroutine
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
-import aio_pika
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 import torch
@@ -27,7 +25,6 @@ from fedhub.client import ActorClient, Client
 from fedhub.client.types import FitFn
 from fedhub.distributed import ClusterSettings, LocalCluster
 from fedhub.task import DemoWorkload, make_model
-from shared.bus import RabbitMQBus
 from tests import postgres
 from tests.e2e.faults import (
     Broker,
@@ -46,7 +43,6 @@ LAST = CLIENTS - 1
 """The client whose `fit` a fault may hold back, to place itself between two uploads of a round."""
 SERVICES = ["aggregator-1", "aggregator-2", "api", "notifier", "orchestrator"]
 AGGREGATORS = ("aggregator-1", "aggregator-2")
-CONSUMERS = ["orchestrator", "aggregator", "notifier"]
 
 
 @dataclass
@@ -199,17 +195,7 @@ async def _train(settings: ClusterSettings, faults: Faults | None = None) -> Out
 
 async def _delete_namespace(settings: ClusterSettings) -> None:
     """Delete the run's queues and exchange from the shared broker."""
-    ns = settings.bus_namespace
-    names = RabbitMQBus(settings.amqp_url).queues_of
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for consumer in CONSUMERS:
-            for queue in names(f"{ns}.{consumer}"):
-                with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                    await channel.queue_delete(queue)
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await channel.exchange_delete(f"{ns}.events")
+    await LocalCluster(settings).delete_bus_namespace()
 
 
 _FAULT_FREE: list[Outcome] = []

@@ -59,6 +59,7 @@ async def _run(database: str, log_dir: Path, aggregators: int, batch_size: int |
         aggregators=aggregators,
         log_dir=log_dir,
         bus_namespace=f"fedhub-split-{uuid4().hex[:8]}",
+        delete_bus_namespace=True,
         extra_env={"FEDHUB_AGGREGATOR_BATCH_SIZE": str(batch_size)} if batch_size is not None else {},
     )
     workload = DemoWorkload.create(CLIENTS, seed=3)
