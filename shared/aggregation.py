@@ -157,13 +157,17 @@ PARAMS: Mapping[AggregationMethod, type[MethodParams]] = MappingProxyType(
 """Each method's parameter model; a new method adds its line here and its class in the aggregator."""
 
 
+def _unknown_method(method: object) -> str:
+    known = ", ".join(m.value for m in AggregationMethod)
+    return f"unknown aggregation method {method!r} (known: {known})"
+
+
 def method_params(method: AggregationMethod | str, params: Mapping[str, Any] | None = None) -> MethodParams:
     """Validate `params` for `method`; `MalformedPayload` names the method and the bad parameter."""
     try:
         chosen = AggregationMethod(method)
     except ValueError:
-        known = ", ".join(m.value for m in AggregationMethod)
-        raise MalformedPayload(f"unknown aggregation method {method!r} (known: {known})") from None
+        raise MalformedPayload(_unknown_method(method)) from None
     try:
         return PARAMS[chosen].model_validate(dict(params or {}))
     except ValidationError as exc:
@@ -190,8 +194,7 @@ class AggregationSpec(BaseModel):
     @classmethod
     def _known_method(cls, value: object) -> object:
         if isinstance(value, str) and value not in AggregationMethod.__members__.values():
-            known = ", ".join(m.value for m in AggregationMethod)
-            raise ValueError(f"unknown aggregation method {value!r} (known: {known})")
+            raise ValueError(_unknown_method(value))
         return value
 
     @model_validator(mode="after")
@@ -215,4 +218,24 @@ class AggregationSpec(BaseModel):
 
     def excluded(self, name: str) -> bool:
         """Whether tensor `name` is left out of client updates and keeps the server's value."""
-        return self.exclude_vars is not None and re.search(self.exclude_vars, name) is not None
+        return excluded_by(self.exclude_vars, name)
+
+
+def excluded_by(exclude_vars: str | None, name: str) -> bool:
+    """Whether a training's `exclude_vars` (a `re.search` pattern, or None) leaves tensor `name` out."""
+    return exclude_vars is not None and re.search(exclude_vars, name) is not None
+
+
+def parse_spec(**fields: Any) -> AggregationSpec:
+    """An `AggregationSpec` from its fields; `MalformedPayload` names every problem."""
+    try:
+        return AggregationSpec(**fields)
+    except ValidationError as exc:
+        raise MalformedPayload("; ".join(_problem(err) for err in exc.errors())) from None
+
+
+def _problem(err: Mapping[str, Any]) -> str:
+    """One pydantic error as `field: message`, or a validator's own words."""
+    where = ".".join(str(p) for p in err["loc"]) or "aggregation"
+    cause = err.get("ctx", {}).get("error")
+    return str(cause) if err["type"] == "value_error" and cause is not None else f"{where}: {err['msg']}"

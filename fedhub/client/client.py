@@ -8,7 +8,6 @@ worker thread and sends the results back. It checks the training's state wheneve
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
@@ -21,6 +20,7 @@ from fedhub.client.retry import RetryPolicy
 from fedhub.client.stream import Connected, EventStream
 from fedhub.client.transport import MSGPACK, Transport
 from fedhub.client.types import EvaluateFn, EventHook, FitFn, Notification, RunResult, parse_notification
+from shared.aggregation import excluded_by
 from shared.codec import TensorRecord, decode_tensors, packb, tensor_map
 from shared.tensors import records_to_state_dict, state_dict_to_records
 
@@ -381,7 +381,7 @@ class _Session:
         kept = {
             name: tensor
             for name, tensor in new_weights.items()
-            if not (isinstance(pattern, str) and re.search(pattern, name))
+            if not (isinstance(pattern, str) and excluded_by(pattern, name))
         }
         if self.client_config.get("update_kind") != "delta":
             return kept

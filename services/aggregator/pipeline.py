@@ -50,7 +50,6 @@ from uuid import UUID
 
 import structlog
 import torch
-from pydantic import ValidationError
 
 from services.aggregator.methods import (
     METHODS,
@@ -63,11 +62,11 @@ from services.aggregator.methods import (
 )
 from services.aggregator.methods.base import InvalidWeight, TooFewUpdates, UpdateMismatch
 from services.aggregator.transfer import DeviceTransfer
-from shared.aggregation import AggregationMethod, AggregationSpec, UpdateKind
+from shared.aggregation import AggregationSpec, UpdateKind, parse_spec
 from shared.blobs import BlobStore
 from shared.blobs.base import BlobNotFound
 from shared.codec import TensorRecord, decode_tensors
-from shared.errors import FedhubError
+from shared.errors import FedhubError, MalformedPayload
 from shared.events import AggregateRound, UpdateRef
 from shared.tensors import first_non_finite, records_to_state_dict
 
@@ -133,22 +132,16 @@ def round_seed(training_id: UUID, round_number: int) -> int:
 
 def job_spec(job: AggregateRound) -> AggregationSpec:
     """The aggregation a job asks for; `JobRejected` when it is not a valid one."""
-    if job.method not in set(AggregationMethod):
-        known = ", ".join(m.value for m in AggregationMethod)
-        raise JobRejected(f"unknown aggregation method {job.method!r} (known: {known})")
     try:
-        return AggregationSpec(
+        return parse_spec(
             method=job.method,
             params=dict(job.params),
             update_kind=job.update_kind,
             exclude_vars=job.exclude_vars,
             max_update_norm=job.max_update_norm,
         )
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
-        )
-        raise JobRejected(f"the job's aggregation is not valid: {problems}") from None
+    except MalformedPayload as exc:
+        raise JobRejected(f"the job's aggregation is not valid: {exc.detail}") from None
 
 
 def decode_state_dict(data: bytes, what: str) -> dict[str, torch.Tensor]:

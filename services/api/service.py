@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import aclosing
@@ -13,7 +12,6 @@ from typing import Any, ParamSpec, TypeVar
 from uuid import UUID, uuid4, uuid5
 
 import structlog
-from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import Insert, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -30,7 +28,7 @@ from services.api.uploads import (
     spool,
     unspool,
 )
-from shared.aggregation import AggregationSpec
+from shared.aggregation import AggregationSpec, excluded_by, parse_spec
 from shared.auth import Caller, hash_token, new_token
 from shared.blobs import BlobStore, content_key, update_key
 from shared.codec import (
@@ -358,23 +356,15 @@ async def create_training(uow: UnitOfWork, owner_id: UUID, body: TrainingCreate)
 def aggregation_spec(body: TrainingCreate) -> AggregationSpec:
     """The training's aggregation, checked against `shared.aggregation`; `ValidationError` names the fault."""
     try:
-        return AggregationSpec(
+        return parse_spec(
             method=body.aggregation,
             params=dict(body.aggregation_params or {}),
             update_kind=body.update_kind,
             exclude_vars=body.exclude_vars,
             max_update_norm=body.max_update_norm,
         )
-    except PydanticValidationError as exc:
-        problems = "; ".join(_spec_problem(err) for err in exc.errors())
-        raise ValidationError(problems) from None
-
-
-def _spec_problem(err: Mapping[str, Any]) -> str:
-    """One pydantic error of `AggregationSpec` as `field: message` (a validator's own words kept)."""
-    where = ".".join(str(p) for p in err["loc"]) or "aggregation"
-    cause = err.get("ctx", {}).get("error")
-    return str(cause) if err["type"] == "value_error" and cause is not None else f"{where}: {err['msg']}"
+    except MalformedPayload as exc:
+        raise ValidationError(exc.detail) from None
 
 
 async def visible_training(
@@ -707,7 +697,7 @@ def _update_spec(training: Training, model: ModelFacts) -> tuple[TensorSpec, Exc
     pattern = training.exclude_vars
     if pattern is None:
         return full, ExcludedTensors(frozenset(), None)
-    excluded = frozenset(name for name in full if re.search(pattern, name))
+    excluded = frozenset(name for name in full if excluded_by(pattern, name))
     return {n: s for n, s in full.items() if n not in excluded}, ExcludedTensors(excluded, pattern)
 
 
