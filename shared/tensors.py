@@ -6,6 +6,7 @@ that build torch tensors, i.e. in the aggregator and the client SDK.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -72,15 +73,24 @@ def check_against_spec(records: Iterable[TensorRecord], spec: TensorSpec, *, par
         raise NonFiniteValues(f"tensor {bad!r} holds NaN or Inf values")
 
 
-def to_torch(record: TensorRecord) -> torch.Tensor:
-    """A torch tensor over the record's bytes (no copy when the bytes are writable)."""
+def to_torch(record: TensorRecord, *, read_only: bool = False) -> torch.Tensor:
+    """A torch tensor over the record's bytes (no copy when the bytes are writable).
+
+    With `read_only`, read-only bytes (msgpack's) are viewed too, never copied: the caller promises
+    never to write to the tensor (torch cannot mark it read-only).
+    """
     import torch
 
     dtype = getattr(torch, record.dtype)
     if record.numel == 0:
         return torch.empty(record.shape, dtype=dtype)
-    buffer = record.data if not record.data.readonly else bytearray(record.data)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(record.shape)
+    if not record.data.readonly:
+        return torch.frombuffer(record.data, dtype=dtype).reshape(record.shape)
+    if not read_only:
+        return torch.frombuffer(bytearray(record.data), dtype=dtype).reshape(record.shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return torch.frombuffer(record.data, dtype=dtype).reshape(record.shape)
 
 
 def from_torch(name: str, tensor: torch.Tensor) -> TensorRecord:

@@ -41,7 +41,6 @@ import asyncio
 import hashlib
 import math
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,22 +67,9 @@ from shared.blobs.base import BlobNotFound
 from shared.codec import TensorRecord, decode_tensors
 from shared.errors import FedhubError, MalformedPayload
 from shared.events import AggregateRound, UpdateRef
-from shared.tensors import first_non_finite, records_to_state_dict
+from shared.tensors import TensorSpec, check_against_spec, records_to_state_dict, to_torch
 
 log = structlog.get_logger(component="aggregator")
-
-_DTYPES: Mapping[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
 
 
 class JobRejected(FedhubError):
@@ -186,6 +172,9 @@ class RoundPipeline:
         self._order = list(base)
         self._excluded = {name: t for name, t in base.items() if spec.excluded(name)}
         self._kept = {name: t for name, t in base.items() if name not in self._excluded}
+        self._spec: TensorSpec = {
+            name: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in self._kept.items()
+        }
         if not self._kept:
             raise JobRejected(f"exclude_vars {spec.exclude_vars!r} matches every tensor of the base model")
         # A shard of a coordinate-wise round: updates are validated whole, the method sees its tensors.
@@ -236,34 +225,17 @@ class RoundPipeline:
         return None
 
     def prepare(self, records: Sequence[TensorRecord]) -> dict[str, torch.Tensor]:
-        """An update's records as full weights over the kept tensors, or `UpdateRejected` saying why."""
-        names = [r.name for r in records]
-        present = set(names)
-        excluded = sorted(present & self._excluded.keys())
+        """An update's records as full weights over the kept tensors.
+
+        Raises `UpdateRejected`, `TensorSpecMismatch` or `NonFiniteValues` saying why it cannot be used.
+        """
+        excluded = sorted({r.name for r in records} & self._excluded.keys())
         if excluded:
             raise UpdateRejected(
                 f"tensors matching exclude_vars {self.spec.exclude_vars!r} must be left out: "
                 + ", ".join(excluded)
             )
-        unknown = sorted(present - self._kept.keys())
-        if unknown:
-            raise UpdateRejected(f"unknown tensor names: {', '.join(unknown)}")
-        missing = [name for name in self._kept if name not in present]
-        if missing:
-            raise UpdateRejected(f"missing tensor names: {', '.join(missing)}")
-        if len(names) != len(present):
-            raise UpdateRejected("a tensor name appears twice")
-        for r in records:
-            base = self._kept[r.name]
-            if _DTYPES.get(r.dtype) != base.dtype:
-                raise UpdateRejected(f"tensor {r.name!r}: dtype {r.dtype}, the base model has {base.dtype}")
-            if r.shape != tuple(base.shape):
-                raise UpdateRejected(
-                    f"tensor {r.name!r}: shape {list(r.shape)}, the base model has {list(base.shape)}"
-                )
-        bad = first_non_finite(records)
-        if bad is not None:
-            raise UpdateRejected(f"tensor {bad!r} holds NaN or Inf values")
+        check_against_spec(records, self._spec)  # names, dtypes, shapes, finite values
         tensors = update_views(records)
         if self.spec.update_kind is UpdateKind.DELTA:
             self._check_norm(tensors, delta=True)
@@ -405,16 +377,7 @@ def update_views(records: Sequence[TensorRecord]) -> dict[str, torch.Tensor]:
     The bytes are read-only; nothing writes to an update's tensors (the pipeline's delta and norm
     work is out of place, and methods never write to what `add` gets), so the views are safe.
     """
-    out: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-        for r in records:
-            dtype = _DTYPES[r.dtype]
-            if r.numel == 0:
-                out[r.name] = torch.empty(r.shape, dtype=dtype)
-            else:
-                out[r.name] = torch.frombuffer(r.data, dtype=dtype).reshape(r.shape)
-    return out
+    return {r.name: to_torch(r, read_only=True) for r in records}
 
 
 def _plus(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
