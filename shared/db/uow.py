@@ -46,7 +46,6 @@ class UnitOfWork:
         self._sessions = sessions
         self._on_commit = on_commit
         self._session: AsyncSession | None = None
-        self._emitted = 0
         self._outbox: list[OutboxMessage] = []
         self._unchanged = False
         self._after_commit: list[Callable[[], Awaitable[None] | None]] = []
@@ -66,7 +65,6 @@ class UnitOfWork:
 
     async def __aenter__(self) -> Self:
         self._session = self._sessions()
-        self._emitted = 0
         self._outbox = []
         self._unchanged = False
         self._after_commit = []
@@ -106,7 +104,7 @@ class UnitOfWork:
         if exc_type is not None:
             await _best_effort(undo)
         else:
-            if self._emitted and self._on_commit is not None and handing is None:
+            if outbox and self._on_commit is not None and handing is None:
                 self._on_commit()
             callbacks, self._after_commit = self._after_commit, []
             for callback in callbacks:
@@ -144,9 +142,7 @@ class UnitOfWork:
     def unchanged(self) -> bool:
         """True when `changed_nothing` was declared and nothing was emitted or added since."""
         session = self.session
-        return (
-            self._unchanged and self._emitted == 0 and not (session.new or session.dirty or session.deleted)
-        )
+        return self._unchanged and not self._outbox and not (session.new or session.dirty or session.deleted)
 
     def emit(
         self, message: Message, *, correlation_id: UUID | None = None, message_id: UUID | None = None
@@ -162,7 +158,6 @@ class UnitOfWork:
         )
         self.session.add(row)
         self._outbox.append(row)
-        self._emitted += 1
         return env.message_id
 
     async def claim_inbox(self, consumer: str, message_id: UUID) -> bool:
