@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID, uuid5
@@ -16,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.db.models import Principal
 from shared.enums import Role
 from shared.errors import Unauthenticated
+from shared.lru import Lru
 from shared.metrics import REGISTRY
 
 _ADMIN_NAMESPACE = UUID("6f1c2a4e-3b7d-4c59-9e0a-0d5b8f3e2a11")
@@ -88,7 +88,7 @@ class PrincipalCache:
         self.ttl_s = ttl_s
         self.size = size
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[Caller, float]] = OrderedDict()
+        self._entries: Lru[str, tuple[Caller, float]] = Lru(size)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -100,25 +100,21 @@ class PrincipalCache:
             return None
         caller, expires = entry
         if self._clock() >= expires:
-            del self._entries[token_hash]
+            self._entries.pop(token_hash)
             return None
-        self._entries.move_to_end(token_hash)
         return caller
 
     def put(self, token_hash: str, caller: Caller) -> None:
         """Remember `caller` for `ttl_s` seconds."""
         if self.ttl_s <= 0:
             return
-        self._entries[token_hash] = (caller, self._clock() + self.ttl_s)
-        self._entries.move_to_end(token_hash)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        self._entries.put(token_hash, (caller, self._clock() + self.ttl_s))
 
     def forget(self, principal_id: UUID) -> None:
         """Drop every cached token of `principal_id` (after changing or revoking it)."""
-        stale = [h for h, (caller, _) in self._entries.items() if caller.id == principal_id]
-        for token_hash in stale:
-            del self._entries[token_hash]
+        for token_hash, (caller, _) in self._entries.items():
+            if caller.id == principal_id:
+                self._entries.pop(token_hash)
 
 
 async def principal_for_token(session: AsyncSession, token: str) -> Principal:

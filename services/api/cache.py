@@ -12,10 +12,9 @@ round) is always read from the database.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 from sqlalchemy import select
@@ -23,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.blobs import BlobStore
 from shared.db.models import Model, Participant
+from shared.lru import Lru
 from shared.metrics import REGISTRY
 
 K = TypeVar("K", bound=Hashable)
@@ -45,31 +45,6 @@ class ModelFacts:
     spec: Mapping[str, Any]
 
 
-class Lru(Generic[K, V]):
-    """A mapping that keeps the `size` entries used last."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._entries: OrderedDict[K, V] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: K) -> V | None:
-        """The entry, now the most recently used; None when absent."""
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> None:
-        """Keep `value`, dropping the least recently used entries beyond `size`."""
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-
 class ApiCache:
     """The API process's caches of immutable rows and blobs (see the module doc)."""
 
@@ -83,9 +58,7 @@ class ApiCache:
     ) -> None:
         self._models: Lru[UUID, ModelFacts] = Lru(models)
         self._participants: Lru[UUID, frozenset[UUID]] = Lru(trainings)
-        self._blobs: OrderedDict[str, bytes] = OrderedDict()
-        self._blob_bytes = 0
-        self.max_blob_bytes = blob_bytes
+        self._blobs: Lru[str, bytes] = Lru(blob_bytes, weigh=len)
         self.largest_blob = largest_blob
 
     async def model(self, session: AsyncSession, model_id: UUID) -> ModelFacts | None:
@@ -103,17 +76,12 @@ class ApiCache:
         """A model blob's bytes; content-addressed ones up to `largest_blob` bytes are kept."""
         data = self._blobs.get(key)
         if data is not None:
-            self._blobs.move_to_end(key)
             CACHE_LOOKUPS.inc(cache="blob", result="hit")
             return data
         data = await blobs.get(key)
         CACHE_LOOKUPS.inc(cache="blob", result="miss")
         if key.startswith("sha256/") and len(data) <= self.largest_blob:
-            self._blobs[key] = data
-            self._blob_bytes += len(data)
-            while self._blob_bytes > self.max_blob_bytes:
-                _, dropped = self._blobs.popitem(last=False)
-                self._blob_bytes -= len(dropped)
+            self._blobs.put(key, data)
         return data
 
 

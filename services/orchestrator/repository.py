@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
@@ -13,10 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.orchestrator.machine import Step, TrainingView
 from shared.db.models import ClientUpdate, Participant, TestMetric, Training, TrainingRound
 from shared.errors import Conflict, NotFound
+from shared.lru import Lru
 
-_PARTICIPANTS: OrderedDict[UUID, int] = OrderedDict()
+_PARTICIPANTS: Lru[UUID, int] = Lru(4096)
 """Participants per training: a fact that never changes once the training exists (a per-process LRU)."""
-_PARTICIPANTS_KEPT = 4096
 
 
 class ConcurrentTransition(Conflict):
@@ -42,15 +41,12 @@ class TrainingRepository:
         """How many clients take part (fixed at creation: counted once per process and training)."""
         known = _PARTICIPANTS.get(training_id)
         if known is not None:
-            _PARTICIPANTS.move_to_end(training_id)
             return known
         n = await self.session.scalar(
             select(func.count()).select_from(Participant).where(Participant.training_id == training_id)
         )
         if n:
-            _PARTICIPANTS[training_id] = n
-            while len(_PARTICIPANTS) > _PARTICIPANTS_KEPT:
-                _PARTICIPANTS.popitem(last=False)
+            _PARTICIPANTS.put(training_id, n)
         return n or 0
 
     async def count_updates(self, training_id: UUID, round_: int) -> int:
