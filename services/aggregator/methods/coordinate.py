@@ -75,6 +75,7 @@ from services.aggregator.methods.base import (
     RoundContext,
     UpdateMismatch,
 )
+from services.aggregator.methods.linear import finish_mean
 from shared.aggregation import AggregationMethod, MedianParams, MethodParams, TrimmedMeanParams
 
 _NETWORK_MAX_ROWS = 4096
@@ -189,9 +190,7 @@ def weighted_mean_rule(
         acc = value.mul_(weight) if acc is None else acc.add_(value, alpha=weight)
     if acc is None:
         raise NothingToAggregate("no update with a positive weight")
-    if dtype == torch.bool:
-        return acc >= total / 2
-    return acc.div_(total).round_().to(dtype)
+    return finish_mean(acc, total, dtype)
 
 
 # --- sorting networks -------------------------------------------------------------------------

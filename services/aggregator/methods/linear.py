@@ -372,7 +372,7 @@ class LinearMethod(Method):
             if acc is None:
                 mean[name] = self.unsent_value(name)
             else:
-                mean[name] = _mean(acc, self._weights[name], base.dtype)
+                mean[name] = finish_mean(acc, self._weights[name], base.dtype)
         return self.finish(mean)
 
     # Internals --------------------------------------------------------------------------------
@@ -493,8 +493,12 @@ def _lerp_blocks(
             a.lerp_(x, f)
 
 
-def _mean(acc: torch.Tensor, weight: float, dtype: torch.dtype) -> torch.Tensor:
-    """Turn a tensor's accumulator into its mean, following the module's rules."""
+def finish_mean(acc: torch.Tensor, weight: float, dtype: torch.dtype) -> torch.Tensor:
+    """Turn a tensor's accumulator into its mean, following the module's rules.
+
+    Floating accumulators hold the mean already; integer and bool ones hold the float64 weighted sum
+    (consumed: divided in place).
+    """
     if dtype.is_floating_point:
         return acc
     if dtype == torch.bool:
