@@ -64,6 +64,15 @@ class StartTraining(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CancelTraining(Command):
+    """An actor asked to cancel a training (INITIAL or ONGOING -> CANCELLED); consumed by the orchestrator."""
+
+    routing_key: ClassVar[str] = "training.cancel"
+    training_id: UUID
+    requested_by: UUID
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UpdateReceived(Event):
     """A client's model update for a round was validated, stored and recorded."""
 

@@ -145,6 +145,16 @@ class ActorClient:
         # Not retried on 5xx: a second start of a started training is a 409.
         return await self._json("POST", f"/v1/trainings/{training_id}/start", idempotent=False)
 
+    async def cancel_training(self, training_id: UUID | str) -> dict[str, Any]:
+        """Ask the server to cancel an INITIAL or ONGOING training ("abort job").
+
+        The orchestrator moves it to CANCELLED shortly after and sends TRAINING_FINISHED with
+        `"state": "CANCELLED"` to its participants and owner. Safe to repeat (retried like a read):
+        a cancelled training is answered as it is. A COMPLETED or FAILED one raises `ClientError`
+        (409 IllegalTransition).
+        """
+        return await self._json("POST", f"/v1/trainings/{training_id}/cancel")
+
     async def get_training(self, training_id: UUID | str) -> dict[str, Any]:
         """The training's JSON (state, phase, round, participants, who uploaded / tested)."""
         return await self._json("GET", f"/v1/trainings/{training_id}")

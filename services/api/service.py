@@ -60,7 +60,7 @@ from shared.errors import (
     NotFound,
     RoundClosed,
 )
-from shared.events import StartTraining, TestMetricsReceived, UpdateReceived
+from shared.events import CancelTraining, StartTraining, TestMetricsReceived, UpdateReceived
 from shared.tensors import TensorSpec, check_against_spec, first_non_finite
 
 log = structlog.get_logger(component="api")
@@ -424,6 +424,45 @@ async def request_start(uow: UnitOfWork, training_id: UUID, actor: Caller) -> Tr
     uow.emit(StartTraining(training_id=training_id, requested_by=actor.id), message_id=message_id)
     log.info("training.start_requested", training_id=str(training_id), requested_by=str(actor.id))
     return await training_view(session, training)
+
+
+_CANCEL_NAMESPACE = UUID("5c1d7a52-8e0b-4f63-9a7e-2d4b6f1c8e93")
+
+
+def cancel_message_id(training_id: UUID) -> UUID:
+    """The message id of a training's one `CancelTraining`: consumers' inboxes drop any repeat."""
+    return uuid5(_CANCEL_NAMESPACE, str(training_id))
+
+
+async def request_cancel(uow: UnitOfWork, training_id: UUID, actor: Caller) -> tuple[TrainingView, bool]:
+    """Ask the orchestrator to cancel an INITIAL or ONGOING training; only its owner may.
+
+    Idempotent: an already CANCELLED training is answered as it is (False: nothing requested), and
+    while a cancel is pending a repeat adds no second message. A COMPLETED or FAILED training is
+    `IllegalTransition` naming its state.
+    """
+    session = uow.session
+    training = await session.get(Training, training_id)
+    if training is None or training.owner_id != actor.id:
+        raise NotFound(f"training {training_id} does not exist")
+    if training.state == TrainingState.CANCELLED:
+        return await training_view(session, training), False
+    if training.state not in (TrainingState.INITIAL, TrainingState.ONGOING):
+        raise IllegalTransition(
+            f"training {training_id} is {training.state.value}; "
+            "only an INITIAL or ONGOING training can be cancelled"
+        )
+    message_id = cancel_message_id(training_id)
+    pending = await session.scalar(select(OutboxMessage.id).where(OutboxMessage.message_id == message_id))
+    if pending is None:
+        uow.emit(CancelTraining(training_id=training_id, requested_by=actor.id), message_id=message_id)
+    log.info(
+        "training.cancel_requested",
+        training_id=str(training_id),
+        requested_by=str(actor.id),
+        repeat=pending is not None,
+    )
+    return await training_view(session, training), True
 
 
 async def round_summaries(session: AsyncSession, training: Training) -> list[RoundView]:

@@ -17,6 +17,7 @@ from shared.errors import IllegalTransition, NotFound
 from shared.events import (
     AggregateRound,
     AggregationFailed,
+    CancelTraining,
     Message,
     ModelAggregated,
     NotificationIssued,
@@ -47,6 +48,14 @@ async def on_start_training(command: StartTraining, uow: UnitOfWork) -> None:
     training, view = await repo.load(command.training_id)
     now = utcnow()
     await _attempt(uow, repo, training, lambda: machine.start(view, now), now)
+
+
+async def on_cancel_training(command: CancelTraining, uow: UnitOfWork) -> None:
+    """INITIAL or ONGOING -> CANCELLED; a cancel of a finished training is refused (logged, no effect)."""
+    repo = TrainingRepository(uow.session)
+    training, view = await repo.load(command.training_id)
+    now = utcnow()
+    await _attempt(uow, repo, training, lambda: machine.cancel(view), now)
 
 
 async def on_update_received(event: UpdateReceived, uow: UnitOfWork) -> None:
@@ -127,6 +136,7 @@ async def check_deadline(training_id: UUID, uow: UnitOfWork) -> bool:
 
 HANDLERS: Mapping[type[Message], Handler] = {
     StartTraining: on_start_training,
+    CancelTraining: on_cancel_training,
     UpdateReceived: on_update_received,
     ModelAggregated: on_model_aggregated,
     AggregationFailed: on_aggregation_failed,

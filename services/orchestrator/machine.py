@@ -13,6 +13,12 @@ States and phases::
     AGGREGATING --model aggregated, no test, r == rounds--> COMPLETED
     AGGREGATING --aggregation failed--> FAILED
     TESTING --all participants reported, or deadline--> COLLECTING(r+1) | COMPLETED
+    INITIAL | ONGOING (any phase) --cancel--> CANCELLED
+    COMPLETED, FAILED, CANCELLED: final (every transition refused)
+
+CANCELLED closes the open round (its `finished_at`) and tells participants and owner with
+TRAINING_FINISHED, whose body says `"state": "CANCELLED"` as it says FAILED or COMPLETED; an
+aggregation job or a deadline that comes after it is refused, so it changes nothing.
 
 TRAINING_START and UPDATE_ROUND_START bodies carry the training's `client_config` (update kind,
 excluded tensors, FedProx's mu): what a client needs to train the round.
@@ -214,6 +220,26 @@ def fail(view: TrainingView, reason: str) -> Step:
         phase=None,
         deadline_at=None,
         failure_reason=reason,
+        notices=(Notice(type=NotificationType.TRAINING_FINISHED, body=body),),
+    )
+
+
+def cancel(view: TrainingView) -> Step:
+    """INITIAL or ONGOING (any phase) -> CANCELLED: the open round closes; everyone is told it is over.
+
+    A finished training (COMPLETED, FAILED, or already CANCELLED) is refused.
+    """
+    if view.state not in (TrainingState.INITIAL, TrainingState.ONGOING):
+        raise IllegalTransition(
+            f"training {view.id}: cannot cancel in {view.state.value} (needs INITIAL or ONGOING)"
+        )
+    body = {**_round_body(view.round, view.current_model_id), "state": TrainingState.CANCELLED.value}
+    return _from(
+        view,
+        state=TrainingState.CANCELLED,
+        phase=None,
+        deadline_at=None,
+        round_finished=view.round if view.state is TrainingState.ONGOING else None,
         notices=(Notice(type=NotificationType.TRAINING_FINISHED, body=body),),
     )
 

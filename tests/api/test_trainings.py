@@ -35,6 +35,30 @@ async def test_create_training_applies_the_documented_defaults(fedhub: Fedhub) -
     assert await fedhub.count(db.Participant, training_id=UUID(training["id"])) == 2
 
 
+async def test_create_training_stores_and_returns_non_default_trainer_options(fedhub: Fedhub) -> None:
+    """The seed's trainer options, each set against its default, are stored and shown on every read."""
+    alice = await fedhub.principal(name="alice")
+    model = await fedhub.upload_model()
+    options = {
+        "skip_model_tests": True,
+        "model_test_after_each_round": False,
+        "delete_local_models_after_aggregation": False,
+    }
+    created = await fedhub.create_training(model["id"], [alice.id], **options)
+    read = await fedhub.http.get(f"/v1/trainings/{created['id']}", headers=alice.headers)
+    assert read.status_code == 200
+    for training in (created, read.json()):
+        assert {k: training[k] for k in options} == options
+    async with fedhub.runtime.uow() as uow:
+        row = await uow.session.get(db.Training, UUID(created["id"]))
+        assert row is not None
+        assert (
+            row.skip_model_tests,
+            row.model_test_after_each_round,
+            row.delete_local_models_after_aggregation,
+        ) == (True, False, False)
+
+
 async def test_owner_and_participants_read_a_training_others_get_404(world: World) -> None:
     """The owner and participants see the training; an outsider client and another actor do not."""
     fedhub = world.fedhub

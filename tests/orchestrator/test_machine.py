@@ -186,3 +186,82 @@ def test_aggregation_failure_fails_the_training() -> None:
     assert step.state is TrainingState.FAILED and "blob missing" in (step.failure_reason or "")
     with pytest.raises(IllegalTransition):
         machine.aggregation_failed(collecting(), 1, "x")
+
+
+def test_test_report_for_another_round_is_refused() -> None:
+    """A test report naming a round other than the one under test is illegal, and names that round."""
+    with pytest.raises(IllegalTransition, match="test report for round 2, testing round 1"):
+        machine.test_reported(collecting(phase=RoundPhase.TESTING), 2, 3, NOW)
+
+
+def test_testing_deadline_on_the_last_round_completes_the_training() -> None:
+    """TESTING past the deadline on the last round -> COMPLETED with TRAINING_FINISHED (state COMPLETED)."""
+    last = collecting(round_=2, phase=RoundPhase.TESTING)
+    step = machine.deadline_passed(last, 3, NOW + timedelta(seconds=61))
+    assert step is not None
+    assert (step.state, step.phase, step.round, step.deadline_at) == (TrainingState.COMPLETED, None, 2, None)
+    assert step.round_finished == 2 and not step.round_started
+    assert [n.type for n in step.notices] == [NotificationType.TRAINING_FINISHED]
+    assert step.notices[0].body == {"round": 2, "global_model_uuid": str(MODEL), "state": "COMPLETED"}
+
+
+def test_deadline_while_aggregating_changes_nothing() -> None:
+    """AGGREGATING waits for the aggregator: a passed deadline there is no transition (None)."""
+    aggregating = collecting(phase=RoundPhase.AGGREGATING)
+    assert machine.deadline_passed(aggregating, 3, NOW + timedelta(seconds=61)) is None
+    assert machine.deadline_passed(aggregating, 0, NOW + timedelta(seconds=61)) is None
+
+
+@pytest.mark.parametrize(
+    "state", [TrainingState.INITIAL, TrainingState.COMPLETED, TrainingState.FAILED, TrainingState.CANCELLED]
+)
+def test_fail_outside_ongoing_is_refused(state: TrainingState) -> None:
+    """fail() applies only to an ONGOING training; anything else is an illegal transition naming it."""
+    with pytest.raises(IllegalTransition, match=f"cannot fail in {state.value}"):
+        machine.fail(view(state=state), "boom")
+
+
+def test_cancel_from_initial_is_cancelled_and_tells_everyone() -> None:
+    """INITIAL -> CANCELLED: no round to close, TRAINING_FINISHED says CANCELLED."""
+    step = machine.cancel(view())
+    assert (step.state, step.phase, step.round, step.deadline_at) == (TrainingState.CANCELLED, None, 0, None)
+    assert step.round_finished is None and not step.round_started and not step.aggregate
+    assert step.failure_reason is None
+    assert [n.type for n in step.notices] == [NotificationType.TRAINING_FINISHED]
+    assert step.notices[0].body == {"round": 0, "global_model_uuid": str(MODEL), "state": "CANCELLED"}
+
+
+@pytest.mark.parametrize("phase", list(RoundPhase))
+def test_cancel_from_ongoing_in_every_phase_closes_the_round(phase: RoundPhase) -> None:
+    """ONGOING (COLLECTING, AGGREGATING or TESTING) -> CANCELLED: deadline cleared, round 2 closed."""
+    current = uuid4()
+    v = collecting(round_=2, phase=phase, current_model_id=current)
+    step = machine.cancel(v)
+    assert (step.state, step.phase, step.round, step.deadline_at) == (TrainingState.CANCELLED, None, 2, None)
+    assert step.current_model_id == current
+    assert step.round_finished == 2 and not step.round_started and not step.aggregate
+    assert [n.type for n in step.notices] == [NotificationType.TRAINING_FINISHED]
+    assert step.notices[0].body == {"round": 2, "global_model_uuid": str(current), "state": "CANCELLED"}
+
+
+@pytest.mark.parametrize("state", [TrainingState.COMPLETED, TrainingState.FAILED, TrainingState.CANCELLED])
+def test_cancel_of_a_finished_training_is_refused(state: TrainingState) -> None:
+    """A COMPLETED, FAILED (or already CANCELLED) training cannot be cancelled; the error names its state."""
+    with pytest.raises(IllegalTransition, match=f"cannot cancel in {state.value}"):
+        machine.cancel(view(state=state, round=2))
+
+
+def test_nothing_moves_a_cancelled_training() -> None:
+    """After cancel, a late update, aggregated model, test report, deadline or failure is refused."""
+    cancelled = view(state=TrainingState.CANCELLED, round=1)
+    late = NOW + timedelta(seconds=61)
+    with pytest.raises(IllegalTransition, match="CANCELLED"):
+        machine.update_received(cancelled, 1, 3)
+    with pytest.raises(IllegalTransition, match="CANCELLED"):
+        machine.model_aggregated(cancelled, 1, uuid4(), late)
+    with pytest.raises(IllegalTransition, match="CANCELLED"):
+        machine.test_reported(cancelled, 1, 3, late)
+    with pytest.raises(IllegalTransition, match="CANCELLED"):
+        machine.deadline_passed(cancelled, 3, late)
+    with pytest.raises(IllegalTransition, match="CANCELLED"):
+        machine.aggregation_failed(cancelled, 1, "x")

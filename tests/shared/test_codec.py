@@ -39,6 +39,7 @@ _T, _C, _U = uuid4(), uuid4(), uuid4()
 
 SAMPLES: dict[type[Message], Message] = {
     events.StartTraining: events.StartTraining(training_id=_T, requested_by=uuid4()),
+    events.CancelTraining: events.CancelTraining(training_id=_T, requested_by=uuid4()),
     events.UpdateReceived: events.UpdateReceived(
         training_id=_T, round=2, client_id=_C, update_id=_U, num_examples=128
     ),

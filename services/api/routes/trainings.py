@@ -1,10 +1,10 @@
-"""Trainings: actors create and start them; owners and participants follow their state and rounds."""
+"""Trainings: actors create, start and cancel them; owners and participants follow their state and rounds."""
 
 from __future__ import annotations
 
 from uuid import UUID
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
 from services.api import service
 from services.api.deps import CacheDep, CurrentActor, CurrentPrincipal, UowDep
@@ -91,6 +91,28 @@ async def get_training(
 async def start_training(training_id: UUID, actor: CurrentActor, uow: UowDep) -> TrainingOut:
     """Ask for the training to start; the orchestrator moves it to ONGOING."""
     return training_out(await service.request_start(uow, training_id, actor))
+
+
+@router.post(
+    "/{training_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={
+        200: {"model": TrainingOut, "description": "already CANCELLED: nothing new requested"},
+        404: {"model": ErrorOut},
+        409: {"model": ErrorOut},
+    },
+)
+async def cancel_training(
+    training_id: UUID, actor: CurrentActor, uow: UowDep, response: Response
+) -> TrainingOut:
+    """Ask for the training to be cancelled (INITIAL or ONGOING); the orchestrator moves it to CANCELLED.
+
+    A training already CANCELLED is answered 200 as it is; a COMPLETED or FAILED one is a 409.
+    """
+    view, requested = await service.request_cancel(uow, training_id, actor)
+    if not requested:
+        response.status_code = status.HTTP_200_OK
+    return training_out(view)
 
 
 @router.get("/{training_id}/rounds", responses={404: {"model": ErrorOut}})
