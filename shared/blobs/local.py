@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import errno
 import os
-import tempfile
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, check_key
+
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 SMALL_BLOB = 1024 * 1024
 """Streamed blobs up to this size are written in one go (see `LocalBlobStore.put_stream`)."""
@@ -79,8 +81,14 @@ class LocalBlobStore(BlobStore):
 
     @staticmethod
     def _open_temp(path: Path) -> tuple[BinaryIO, str]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        """A new file beside `path` under a random name, created exclusively (as `mkstemp` does,
+        without its per-call name generator and directory lookups); the folder is made on first use."""
+        tmp = f"{path.parent}{os.sep}.tmp-{secrets.token_hex(10)}"
+        try:
+            fd = os.open(tmp, _TEMP_FLAGS, 0o600)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, _TEMP_FLAGS, 0o600)
         return os.fdopen(fd, "wb"), tmp
 
     async def get(self, key: str) -> bytes:
