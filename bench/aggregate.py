@@ -68,8 +68,10 @@ from fedhub.distributed import (
     LocalCluster,
 )
 from services.aggregator.methods import FedAvg, LinearMethod, Median, Method, RoundContext, TrimmedMean
+from services.aggregator.methods.buffers import BufferLease, BufferPool
 from services.aggregator.methods.coordinate import trim_count
 from services.aggregator.pipeline import DEFAULT_FOLD_WINDOW
+from services.aggregator.settings import AggregatorSettings
 from services.aggregator.transfer import DeviceTransfer
 from shared.aggregation import FedAvgParams, MedianParams, MethodParams, TrimmedMeanParams
 from shared.bus.base import envelope_for
@@ -212,20 +214,50 @@ def fedhub_run(
     device: torch.device,
     window: int = DEFAULT_FOLD_WINDOW,
 ) -> Callable[[], dict[str, torch.Tensor]]:
-    """A fedhub method over the updates: build, feed each (moved by `DeviceTransfer`), result."""
+    """A fedhub method over the updates: build, feed each (moved by `DeviceTransfer`), result.
+
+    Each call is a round of an aggregator process: its accumulators come from a `BufferPool` that
+    the previous call's model went back to (the service gives a round's buffers back once the model
+    is stored; here when the next call starts), so the model a call returns is valid until the next.
+    """
+    rounds = _PooledRounds()
 
     def run() -> dict[str, torch.Tensor]:
+        lease = rounds.next_lease()
         transfer = DeviceTransfer(device)
-        feeder = Feeder(cls(RoundContext(base=base, device=device), params), window)
+        ctx = RoundContext(base=base, device=device, buffers=lease)
+        feeder = Feeder(cls(ctx, params), window)
         for update, weight in zip(updates, weights, strict=True):
             feeder.add(transfer.to_device(update), weight)
         feeder.flush()
         model = feeder.method.result().model
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return model
+        return rounds.lent(model)
 
     return run
+
+
+class _PooledRounds:
+    """Successive rounds sharing one `BufferPool` as an aggregator's do (see `fedhub_run`)."""
+
+    def __init__(self) -> None:
+        self.pool = BufferPool(AggregatorSettings.model_fields["buffer_pool_mib"].default * 1024 * 1024)
+        self._lease: BufferLease | None = None
+        self._model: dict[str, torch.Tensor] = {}
+
+    def next_lease(self) -> BufferLease:
+        """Give the previous round's model back, then a lease for the next round."""
+        if self._lease is not None:
+            self._lease.give_back(self._model.values())
+            self._lease.close()
+        self._lease, self._model = self.pool.lease(), {}
+        return self._lease
+
+    def lent(self, model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Note the round's model (given back when the next round starts) and return it."""
+        self._model = model
+        return model
 
 
 def decode_views(data: bytes) -> dict[str, torch.Tensor]:
@@ -253,16 +285,19 @@ def fedhub_decode_run(
 ) -> Callable[[], dict[str, torch.Tensor]]:
     """As `fedhub_run`, each update decoded from its msgpack bytes first."""
 
+    rounds = _PooledRounds()
+
     def run() -> dict[str, torch.Tensor]:
+        lease = rounds.next_lease()
         transfer = DeviceTransfer(device)
-        feeder = Feeder(cls(RoundContext(base=base, device=device), params), window)
+        feeder = Feeder(cls(RoundContext(base=base, device=device, buffers=lease), params), window)
         for data, weight in zip(encoded, weights, strict=True):
             feeder.add(transfer.to_device(decode_views(data)), weight)
         feeder.flush()
         model = feeder.method.result().model
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return model
+        return rounds.lent(model)
 
     return run
 

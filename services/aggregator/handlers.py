@@ -44,6 +44,7 @@ import torch
 from sqlalchemy import select, update
 
 from services.aggregator.methods import METHODS, Aggregate, Partial
+from services.aggregator.methods.buffers import BufferPool
 from services.aggregator.models import AggregationPart, AggregationPlan
 from services.aggregator.pipeline import (
     JobRejected,
@@ -145,6 +146,7 @@ async def put_tensors(blobs: BlobStore, tensors: Mapping[str, torch.Tensor]) -> 
 def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[type[Message], Handler]:
     """The aggregator's handler registry; its queue binds to exactly these message types."""
     device = resolve_device(settings.device)
+    buffers = BufferPool(settings.buffer_pool_mib * 1024 * 1024)
 
     async def on_aggregate_round(job: AggregateRound, uow: UnitOfWork) -> None:
         """Aggregate the job's updates into a new global model, store it and announce it (or split it)."""
@@ -157,12 +159,20 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
             if split is not None:
                 await _plan(job, split, uow)
                 return
+            lease = buffers.lease()
             try:
-                outcome = await aggregate_round(job, blobs, device, fold_window=settings.fold_window)
-            except JobRejected as exc:
-                await _fail(uow, job, exc)
-                return
-            await record_round(job, outcome, blobs, uow)
+                try:
+                    outcome = await aggregate_round(
+                        job, blobs, device, fold_window=settings.fold_window, buffers=lease
+                    )
+                except JobRejected as exc:
+                    await _fail(uow, job, exc)
+                    return
+                await record_round(job, outcome, blobs, uow)
+                # Stored and committed: the model's buffers serve the next round's accumulators.
+                lease.give_back(outcome.aggregate.model.values())
+            finally:
+                lease.close()
 
     async def on_aggregate_part(part: AggregatePart, uow: UnitOfWork) -> None:
         """Compute one part of a split round, record it, and emit the combine job after the last part."""

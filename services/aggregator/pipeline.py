@@ -60,6 +60,7 @@ from services.aggregator.methods import (
     RoundContext,
 )
 from services.aggregator.methods.base import InvalidWeight, TooFewUpdates, UpdateMismatch
+from services.aggregator.methods.buffers import BufferLease
 from services.aggregator.transfer import DeviceTransfer
 from shared.aggregation import AggregationSpec, UpdateKind, parse_spec
 from shared.blobs import BlobStore
@@ -161,6 +162,7 @@ class RoundPipeline:
         method_cls: type[Method] | None = None,
         tensors: Sequence[str] | None = None,
         fold_window: int = DEFAULT_FOLD_WINDOW,
+        buffers: BufferLease | None = None,
     ) -> None:
         if fold_window < 1:
             raise ValueError(f"fold_window must be at least 1, got {fold_window}")
@@ -183,7 +185,13 @@ class RoundPipeline:
         if unknown:
             raise JobRejected(f"the shard names tensors the round does not aggregate: {', '.join(unknown)}")
         computed = {name: self._kept[name] for name in self._computed}
-        ctx = RoundContext(base=computed, device=device, state=dict(state or {}), seed=seed)
+        ctx = RoundContext(
+            base=computed,
+            device=device,
+            state=dict(state or {}),
+            seed=seed,
+            buffers=buffers if buffers is not None else BufferLease(),
+        )
         self.method = cls(ctx, spec.typed_params())
         # Validation runs on the CPU over the decoded bytes; the method gets its tensors on the device
         # (pinned, overlapped copies on CUDA; the same tensors on the CPU).
@@ -412,11 +420,12 @@ async def open_round(
     tensors: Sequence[str] | None = None,
     *,
     fold_window: int = DEFAULT_FOLD_WINDOW,
+    buffers: BufferLease | None = None,
 ) -> RoundPipeline:
     """Read and decode the job's base model and state and build its pipeline (off the event loop).
 
     `tensors`: the shard this pipeline computes (None: every tensor the round aggregates);
-    `fold_window`: see `RoundPipeline`.
+    `fold_window`: see `RoundPipeline`; `buffers`: the round's lease on the aggregator's buffer pool.
     """
     spec = job_spec(job)
     base_bytes = await read_blob(blobs, job.base_blob_key, f"base model {job.base_model_id}")
@@ -437,6 +446,7 @@ async def open_round(
         state=state,
         tensors=tensors,
         fold_window=fold_window,
+        buffers=buffers,
     )
 
 
@@ -472,11 +482,20 @@ def _offer_all(pipeline: RoundPipeline, refs: Sequence[UpdateRef], datas: list[b
 
 
 async def aggregate_round(
-    job: AggregateRound, blobs: BlobStore, device: torch.device, *, fold_window: int = DEFAULT_FOLD_WINDOW
+    job: AggregateRound,
+    blobs: BlobStore,
+    device: torch.device,
+    *,
+    fold_window: int = DEFAULT_FOLD_WINDOW,
+    buffers: BufferLease | None = None,
 ) -> RoundOutcome:
-    """Run a whole round: base, every update of the job, the method's result (see the module doc)."""
+    """Run a whole round: base, every update of the job, the method's result (see the module doc).
+
+    With `buffers`, the method's accumulators come from that lease (the model's tensors may be
+    among them: give them back once the outcome is stored, never before).
+    """
     if not job.updates:
         raise JobRejected("the job lists no updates")
-    pipeline = await open_round(job, blobs, device, fold_window=fold_window)
+    pipeline = await open_round(job, blobs, device, fold_window=fold_window, buffers=buffers)
     await feed(pipeline, job.updates, blobs)
     return await asyncio.to_thread(pipeline.finish)

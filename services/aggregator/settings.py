@@ -59,6 +59,13 @@ class AggregatorSettings(CommonSettings):
         validation_alias="FEDHUB_AGGREGATOR_SHARDS",
         description="shards of a split coordinate-wise round; unset: as many as batches would be",
     )
+    buffer_pool_mib: int = Field(
+        default=1024,
+        ge=0,
+        validation_alias="FEDHUB_AGGREGATOR_BUFFER_POOL_MIB",
+        description="MiB of CPU buffers kept between rounds for the next round's accumulators (memory "
+        "already mapped instead of fresh pages to fault in; 0 turns the pool off)",
+    )
     fold_window: int = Field(
         default=4,
         ge=1,

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from services.aggregator.methods.buffers import BufferLease
 from shared.aggregation import AggregationMethod, MethodParams
 from shared.errors import FedhubError, TensorSpecMismatch
 
@@ -63,6 +64,9 @@ class RoundContext:
     """Server state the previous round's `Aggregate.state` left (empty in round 1), e.g. Adam moments."""
     seed: int = 0
     """Deterministic per (training, round): the only source of randomness (DP noise)."""
+    buffers: BufferLease = field(default_factory=BufferLease)
+    """Where a method takes large CPU buffers it writes before reading (accumulators): recycled
+    from earlier rounds when the aggregator keeps a `BufferPool`, else fresh."""
 
 
 @dataclass(frozen=True, slots=True)

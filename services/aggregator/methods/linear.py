@@ -48,6 +48,7 @@ from services.aggregator.methods.base import (
     RoundContext,
     UpdateMismatch,
 )
+from services.aggregator.methods.buffers import BufferLease
 from shared.aggregation import AggregationMethod, MethodParams
 from shared.errors import MalformedPayload
 
@@ -221,8 +222,18 @@ class LinearMethod(Method):
         return base.to(self._device, accumulation_dtype(base.dtype))
 
     def to_model(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Pop every base tensor out of `mean` cast to the base's dtype, on the CPU, in the base's order."""
-        return {name: mean.pop(name).to(base.dtype).to(_CPU) for name, base in self._base.items()}
+        """Pop every base tensor out of `mean` cast to the base's dtype, on the CPU, in the base's order.
+
+        A cast on the CPU (float32 means of a bfloat16 model) writes into a buffer of the round's lease.
+        """
+        model: dict[str, torch.Tensor] = {}
+        for name, base in self._base.items():
+            value = mean.pop(name)
+            if value.device == _CPU and value.dtype != base.dtype:
+                model[name] = self.ctx.buffers.empty(value.shape, base.dtype).copy_(value)
+            else:
+                model[name] = value.to(base.dtype).to(_CPU)
+        return model
 
     # The contract -----------------------------------------------------------------------------
 
@@ -366,6 +377,7 @@ class LinearMethod(Method):
         if self._total_weight <= 0:
             raise NothingToAggregate(f"the {self._added} updates added have a total weight of 0")
         self._finished = True
+        accumulators = list(self._acc.values())
         mean: dict[str, torch.Tensor] = {}
         for name, base in self._base.items():
             acc = self._acc.pop(name, None)
@@ -373,7 +385,9 @@ class LinearMethod(Method):
                 mean[name] = self.unsent_value(name)
             else:
                 mean[name] = finish_mean(acc, self._weights[name], base.dtype)
-        return self.finish(mean)
+        aggregate = self.finish(mean)
+        _recycle(self.ctx.buffers, accumulators, aggregate)
+        return aggregate
 
     # Internals --------------------------------------------------------------------------------
 
@@ -413,7 +427,7 @@ class LinearMethod(Method):
             if acc is None:
                 # The tensor's first value becomes its accumulator, copied block by block below.
                 dtype = accumulation_dtype(self._base[name].dtype)
-                acc = self._acc[name] = torch.empty(x.shape, dtype=dtype, device=self._device)
+                acc = self._acc[name] = self.ctx.buffers.empty(x.shape, dtype)
                 first = x
             else:
                 steps.append((x, weight / total))
@@ -491,6 +505,17 @@ def _lerp_blocks(
             if scratch is not None:
                 x = scratch.copy_(x)
             a.lerp_(x, f)
+
+
+def _recycle(buffers: BufferLease, accumulators: Sequence[torch.Tensor], aggregate: Aggregate) -> None:
+    """Give back the accumulators the outcome does not hold (by storage: views count as held); the
+    method is finished, so nothing else reads them. Those it holds go back once it is stored."""
+    held = {
+        t.untyped_storage().data_ptr()
+        for tensors in (aggregate.model, aggregate.state, *aggregate.members)
+        for t in tensors.values()
+    }
+    buffers.give_back(acc for acc in accumulators if acc.untyped_storage().data_ptr() not in held)
 
 
 def finish_mean(acc: torch.Tensor, weight: float, dtype: torch.dtype) -> torch.Tensor:
