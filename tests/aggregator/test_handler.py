@@ -15,7 +15,7 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from services.aggregator import pipeline
+from services.aggregator import handlers, pipeline
 from services.aggregator.handlers import round_model_id
 from services.aggregator.service import Aggregator
 from shared.aggregation import AggregationMethod
@@ -600,3 +600,36 @@ async def test_the_fold_window_setting_reaches_the_round(settings, runtime, outc
     result = records_to_state_dict(decode_tensors(await runtime.blobs.get(model.blob_key)))
     expected = expected_average(r)
     np.testing.assert_allclose(result["fc.weight"].numpy(), expected["fc.weight"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool_mib", [0, 64])
+async def test_a_stored_round_gives_its_model_buffers_to_the_pool(
+    settings, runtime, outcomes, monkeypatch, pool_mib
+):
+    """The handler gives the model's buffers back only after the round is stored; the stored model
+    is the expected one either way, and FEDHUB_AGGREGATOR_BUFFER_POOL_MIB 0 keeps nothing."""
+    pools: list[handlers.BufferPool] = []
+    real_pool = handlers.BufferPool
+
+    def noting_pool(max_bytes: int) -> handlers.BufferPool:
+        pools.append(real_pool(max_bytes))
+        return pools[-1]
+
+    monkeypatch.setattr(handlers, "BufferPool", noting_pool)
+    service = Aggregator(settings.model_copy(update={"buffer_pool_mib": pool_mib}), runtime)
+    await service.start()
+    try:
+        r = await seed_round(runtime, delete_updates_after=False)
+        await runtime.bus.publish([envelope_for(r.job)])
+        await settle(runtime, outcomes)
+    finally:
+        await service.stop()
+    assert [p.max_bytes for p in pools] == [pool_mib * 1024 * 1024]
+    model = await model_of(runtime, r.training_id)
+    assert model is not None
+    result = records_to_state_dict(decode_tensors(await runtime.blobs.get(model.blob_key)))
+    expected = expected_average(r)
+    np.testing.assert_allclose(result["fc.weight"].numpy(), expected["fc.weight"], rtol=1e-5, atol=1e-6)
+    # The model's floating tensors were lent by the round's lease; integer ones are not pooled.
+    floating = sum(t.numel() * t.element_size() for t in result.values() if t.dtype.is_floating_point)
+    assert pools[0].held_bytes == (floating if pool_mib else 0)
