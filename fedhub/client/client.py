@@ -8,6 +8,9 @@ worker thread and sends the results back. It checks the training's state wheneve
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
@@ -22,6 +25,7 @@ from fedhub.client.transport import MSGPACK, Transport
 from fedhub.client.types import EvaluateFn, EventHook, FitFn, Notification, RunResult, parse_notification
 from shared.aggregation import excluded_by
 from shared.codec import TensorRecord, decode_tensors, packb, tensor_map
+from shared.errors import MalformedPayload
 from shared.tensors import records_to_state_dict, state_dict_to_records
 
 if TYPE_CHECKING:
@@ -191,6 +195,7 @@ class _Session:
         if round_ is None or model_id is None:
             self.log.warning("client.notification_incomplete", notification_type=kind, body=notification.body)
             return None
+        self.take_inline_model(model_id, notification.body.get("global_model"))
         if kind == UPDATE_ROUND_START:
             await self.train_round(round_, model_id)
         else:
@@ -346,8 +351,26 @@ class _Session:
             self.me = UUID(str(response.json()["id"]))
         return str(self.me) in {str(UUID(str(i))) for i in ids}
 
+    def take_inline_model(self, model_id: UUID, inline: object) -> None:
+        """Keep a round notification's own copy of a small global model (`body.global_model`), so
+        that `weights` needs no download; one that does not check out is ignored (downloaded instead)."""
+        if inline is None or (self.cached is not None and self.cached[0] == model_id):
+            return
+        try:
+            if not isinstance(inline, Mapping):
+                raise TypeError("not an object")
+            data = base64.b64decode(str(inline["base64"]), validate=True)
+            if hashlib.sha256(data).hexdigest() != inline["sha256"]:
+                raise ValueError("sha256 mismatch")
+            records = decode_tensors(data)
+        except (KeyError, TypeError, ValueError, binascii.Error, MalformedPayload) as exc:
+            self.log.warning("client.inline_model_ignored", model_id=str(model_id), reason=str(exc))
+            return
+        self.cached = (model_id, records)
+        self.log.debug("client.model_inline", model_id=str(model_id), size_bytes=len(data))
+
     async def weights(self, model_id: UUID) -> dict[str, torch.Tensor]:
-        """Fresh tensors of a global model, downloaded once per model id."""
+        """Fresh tensors of a global model, downloaded once per model id (none when it came inline)."""
         if self.cached is None or self.cached[0] != model_id:
             response = await self.transport.request(
                 "GET", f"/v1/models/{model_id}/weights", headers={"Accept": MSGPACK}

@@ -2,23 +2,34 @@
 
 Everything is written in the consumer's unit of work (whose inbox drops a redelivered message);
 once it commits, live streams get the notification from the hub and the webhook worker wakes.
+
+A round's notification (UPDATE_ROUND_START, MODEL_TEST_ROUND) whose global model is small
+(`FEDHUB_INLINE_MODEL_MAX_BYTES`, default 64 KiB) carries the model itself in
+``body.global_model``: ``{"media_type": "application/msgpack", "sha256": <hex of the bytes>,
+"base64": <the bytes of GET /v1/models/{id}/weights>}``. A client then trains without a download,
+as Flower's and NVFlare's clients get the parameters with their task. A larger model is only named
+(claim check: its bytes never ride the broker, nor every stream).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
+from uuid import UUID
 
 import structlog
 from sqlalchemy import CursorResult, insert, literal, select
 
 from services.notifier.models import Notification, NotificationReceiver, Webhook, WebhookDelivery
 from services.notifier.payloads import LiveNotification, dumps, notification_payload, sse_frame
+from shared.blobs import BlobStore
+from shared.db.models import Model
 from shared.db.uow import UnitOfWork
-from shared.events import Message, NotificationIssued, utcnow
+from shared.events import Message, NotificationIssued, NotificationType, utcnow
 from shared.messaging import Handler
 from shared.metrics import REGISTRY
 
@@ -39,11 +50,51 @@ class StoredNotification:
     webhook_deliveries: int
 
 
-async def store_notification(message: NotificationIssued, uow: UnitOfWork) -> StoredNotification | None:
+@dataclass(frozen=True, slots=True)
+class InlineModels:
+    """Where a round notification's small global model comes from, and how small is small."""
+
+    blobs: BlobStore
+    max_bytes: int
+    """Models up to this size travel in the notification; 0: never."""
+
+
+_WITH_MODEL = frozenset({NotificationType.UPDATE_ROUND_START, NotificationType.MODEL_TEST_ROUND})
+
+
+async def inline_model(
+    message: NotificationIssued, uow: UnitOfWork, models: InlineModels
+) -> dict[str, str] | None:
+    """The `global_model` body entry of a round notification whose model is small enough, else None."""
+    if models.max_bytes <= 0 or message.notification_type not in _WITH_MODEL:
+        return None
+    try:
+        model_id = UUID(str(message.body["global_model_uuid"]))
+    except (KeyError, ValueError):
+        return None
+    row = (
+        await uow.session.execute(
+            select(Model.blob_key, Model.digest, Model.size_bytes).where(Model.id == model_id)
+        )
+    ).one_or_none()
+    if row is None or row.size_bytes > models.max_bytes:
+        return None
+    data = await models.blobs.get(row.blob_key)
+    return {
+        "media_type": "application/msgpack",
+        "sha256": row.digest,
+        "base64": base64.b64encode(data).decode("ascii"),
+    }
+
+
+async def store_notification(
+    message: NotificationIssued, uow: UnitOfWork, models: InlineModels | None = None
+) -> StoredNotification | None:
     """Insert the notification, one receiver row per receiver and one delivery per receiver webhook.
 
     Returns None when a notification with this `event_id` is already stored (the issuer emitted
     it twice under different message ids). Receivers are bulk inserted: one statement however many.
+    With `models`, a round notification carries its small global model (see the module doc).
     """
     session = uow.session
     known = await session.scalar(select(Notification.seq).where(Notification.event_id == message.event_id))
@@ -51,6 +102,9 @@ async def store_notification(message: NotificationIssued, uow: UnitOfWork) -> St
         log.info("notification.duplicate_event", event_id=str(message.event_id), seq=known)
         return None
     payload = notification_payload(message)
+    inline = await inline_model(message, uow, models) if models is not None else None
+    if inline is not None:
+        payload["body"]["global_model"] = inline
     seq = await session.scalar(
         insert(Notification)
         .values(
@@ -107,13 +161,16 @@ async def store_notification(message: NotificationIssued, uow: UnitOfWork) -> St
 
 
 def notifier_handlers(
-    publish: Callable[[LiveNotification], object], wake_webhooks: Callable[[], None]
+    publish: Callable[[LiveNotification], object],
+    wake_webhooks: Callable[[], None],
+    models: InlineModels | None = None,
 ) -> Mapping[type[Message], Handler]:
-    """The notifier's handler registry; `publish` feeds live streams, `wake_webhooks` the worker."""
+    """The notifier's handler registry; `publish` feeds live streams, `wake_webhooks` the worker,
+    `models` puts small global models into round notifications."""
 
     async def on_notification_issued(message: NotificationIssued, uow: UnitOfWork) -> None:
         """Store a notification; after commit, push it to live streams and wake the webhook worker."""
-        stored = await store_notification(message, uow)
+        stored = await store_notification(message, uow, models)
         if stored is None:
             return
 

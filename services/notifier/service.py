@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from services.notifier import models as _tables  # noqa: F401 - registers the notifier's tables on Base
-from services.notifier.handlers import notifier_handlers
+from services.notifier.handlers import InlineModels, notifier_handlers
 from services.notifier.settings import NotifierSettings
 from services.notifier.sse import Hub, events_router
 from services.notifier.webhooks import WebhookWorker, webhook_router
@@ -42,7 +42,13 @@ class Notifier:
         self.hub = Hub(settings.subscriber_queue_size)
         self.webhooks = WebhookWorker(runtime.uow, settings)
         self.consumer = Consumer(
-            "notifier", notifier_handlers(self.hub.publish, self.webhooks.wake), runtime.uow
+            "notifier",
+            notifier_handlers(
+                self.hub.publish,
+                self.webhooks.wake,
+                InlineModels(runtime.blobs, settings.inline_model_max_bytes),
+            ),
+            runtime.uow,
         )
         self.principals = PrincipalCache(settings.auth_cache_s)
         self.router = APIRouter()

@@ -16,6 +16,12 @@ class NotifierSettings(CommonSettings):
     subscriber_queue_size: int = Field(
         default=1000, ge=1, description="live notifications buffered per stream before it is disconnected"
     )
+    inline_model_max_bytes: int = Field(
+        default=64 * 1024,
+        ge=0,
+        description="a round notification carries its global model when the model's bytes are at most "
+        "this many (clients then train without a download); 0: never",
+    )
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="timeout of one webhook POST")
     webhook_max_attempts: int = Field(
         default=8, ge=1, description="attempts before a webhook delivery is left dead"

@@ -58,7 +58,9 @@ def _check_profile(leaf: dict[str, Any], clients: int, rounds: int, *, tests: bo
     """The split of a round from the services' metrics: every phase counted as often as it happened."""
     profile = leaf["profile"]
     assert profile["upload"]["count"] >= clients * rounds  # a client may retry one under load
-    assert profile["download"]["count"] >= clients * rounds
+    # Both workloads' models are small: each round's notification carries it, so a client downloads
+    # at most once (when it catches up with a training already under way).
+    assert profile["download"]["count"] <= clients
     if tests:
         assert profile["test"]["count"] >= clients * rounds
     else:
@@ -70,9 +72,8 @@ def _check_profile(leaf: dict[str, Any], clients: int, rounds: int, *, tests: bo
     assert profile["trigger"]["UpdateReceived -> aggregation"]["count"] == rounds
     streamed = profile["fan_out"]["issued_to_stream"]["count"]
     assert streamed >= clients * rounds, "each client's stream got each round's notification"
-    for phase in ("upload", "download"):
-        assert profile[phase]["per_round_s"] > 0
-        assert profile[phase]["mean_s"] > 0
+    assert profile["upload"]["per_round_s"] > 0
+    assert profile["upload"]["mean_s"] > 0
 
 
 async def test_embedded_small_bench(tmp_path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from typing import Any
 from uuid import UUID, uuid4
@@ -11,8 +13,8 @@ import pytest
 import torch
 
 from fedhub.client import Client, ClientError, RetryPolicy, ServerUnreachable
-from shared.codec import decode_document, parse_tensor_map
-from shared.tensors import records_to_state_dict
+from shared.codec import decode_document, encode_tensors, parse_tensor_map
+from shared.tensors import records_to_state_dict, state_dict_to_records
 
 from .fakes import FAST, Hang, ScriptedServer, error_response, sse, weights_response
 
@@ -584,3 +586,47 @@ async def test_catching_up_learns_the_client_config_from_the_training(server: Sc
     _, sent = decode_update(request)
     assert list(sent) == ["b"]
     assert torch.equal(sent["b"], MODELS[M0]["b"] + 1)
+
+
+def inline(state: dict[str, torch.Tensor], *, sha256: str | None = None) -> dict[str, str]:
+    """A round notification's `global_model` entry for `state` (a wrong `sha256` if given)."""
+    data = encode_tensors(state_dict_to_records(state))
+    return {
+        "media_type": "application/msgpack",
+        "sha256": sha256 if sha256 is not None else hashlib.sha256(data).hexdigest(),
+        "base64": base64.b64encode(data).decode(),
+    }
+
+
+async def test_a_model_that_comes_inline_is_not_downloaded(server: ScriptedServer, http):
+    """Round 1 carries its model: no download, fit gets those weights, and the test round of the
+    same model reuses it. Round 2's inline model does not match its digest: downloaded instead."""
+    server.stream(
+        sse(1, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0, global_model=inline(MODELS[M0])),
+        sse(2, "MODEL_TEST_ROUND", T, round=1, global_model_uuid=M0, global_model=inline(MODELS[M0])),
+        sse(
+            3,
+            "UPDATE_ROUND_START",
+            T,
+            round=2,
+            global_model_uuid=M1,
+            global_model=inline(MODELS[M1], sha256="0" * 64),
+        ),
+        sse(4, "TRAINING_FINISHED", T),
+        Hang(),
+    )
+    server.on("GET", TRAINING, training("INITIAL"), training("COMPLETED", round_=2, model=M2))
+    server.on("GET", f"/v1/models/{M1}/weights", weights_response(MODELS[M1]))
+    server.on("POST", UPDATES, created(1), created(2))
+    server.on("POST", TEST_METRICS, metrics_created(1))
+    rec = Recorder()
+
+    result = await make_client(http, rec).run()
+
+    assert result.rounds_trained == (1, 2)
+    assert not server.requests_to("GET", f"/v1/models/{M0}/weights")
+    assert len(server.requests_to("GET", f"/v1/models/{M1}/weights")) == 1
+    assert_same_state(rec.fits[0][0], MODELS[M0])
+    assert_same_state(rec.evaluations[0][0], MODELS[M0])
+    assert_same_state(rec.fits[1][0], MODELS[M1])
+    assert server.unused() == {}
