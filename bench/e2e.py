@@ -358,6 +358,19 @@ def _delta(before: Samples, after: Samples) -> Samples:
     return {key: value - before.get(key, 0.0) for key, value in after.items()}
 
 
+def bus_messages(before: Samples, after: Samples, client_rounds: int) -> dict[str, Any]:
+    """Messages the services took off the bus between two scrapes (one per consumer that got it),
+    per client and round (`messages_per_client_round`) and in all by type (`messages_by_type`)."""
+    d = _delta(before, after)
+    name = "fedhub_message_delivery_seconds"
+    by_type = {kind: round(total(d, f"{name}_count", type=kind)) for kind in _label_values(d, name, "type")}
+    by_type = {kind: n for kind, n in by_type.items() if n}
+    return {
+        "messages_per_client_round": round(sum(by_type.values()) / client_rounds, 2),
+        "messages_by_type": by_type,
+    }
+
+
 def _phase(samples: Samples, name: str, rounds: int, **labels: str) -> dict[str, float]:
     """Count and seconds of histogram `name` (labels matching), per round and per observation."""
     count = total(samples, f"{name}_count", **labels)
@@ -586,7 +599,7 @@ async def _run_training(
     try:
         with RssSampler(pids) as sampler:
             tasks = [asyncio.create_task(c.run(), name=f"bench-client-{i}") for i, c in enumerate(clients)]
-            before = await scrape(metrics_urls(server)) if config.profile else None
+            before = await scrape(metrics_urls(server))
             setup_s = time.perf_counter() - setup_started
             requests = 0
             started = time.perf_counter()
@@ -597,7 +610,7 @@ async def _run_training(
                 for task in tasks:
                     task.cancel()
             training_s = time.perf_counter() - started
-            after = await scrape(metrics_urls(server)) if before is not None else None
+            after = await scrape(metrics_urls(server))
     finally:
         for http in set(https):
             await http.aclose()
@@ -616,10 +629,11 @@ async def _run_training(
         "training_s": round(training_s, 3),
         "setup_s": round(setup_s, 3),
         "requests_per_client_round": round(requests / (num_clients * rounds), 2),
+        **bus_messages(before, after, num_clients * rounds),
         "rss_mib": sampler.result(),
         "cpu_s": sampler.cpu,
     }
-    if before is not None and after is not None:
+    if config.profile:
         leaf["profile"] = profile_split(before, after, rounds)
     return leaf, rounds_json, actor
 
@@ -778,11 +792,13 @@ def print_table(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="fedhub end-to-end round time", header_style="bold")
-    for column in ("workload", "mode", "clients", "median s/round", "goal", "rounds (s)", "peak RSS MiB"):
+    columns = ["workload", "mode", "clients", "median s/round", "goal", "rounds (s)", "req/msg"]
+    columns.append("peak RSS MiB")
+    for column in columns:
         table.add_column(column)
     for workload, mode, n, leaf in _rows(results):
         if "error" in leaf:
-            table.add_row(workload, mode, n, "failed", "", leaf["error"][:80], "")
+            table.add_row(workload, mode, n, "failed", "", leaf["error"][:80], "", "")
             continue
         goal = _round_goal(workload, mode, n)
         median = leaf["round_s_median"]
@@ -794,6 +810,7 @@ def print_table(results: dict[str, Any]) -> None:
             f"[{style}]{median:.3f}[/]" if style else f"{median}",
             f"≤ {goal}" if goal is not None else "",
             " ".join(f"{s:.3f}" for s in leaf["round_s"]),
+            _per_client_round(leaf),
             _rss_text(mode, leaf["rss_mib"]),
         )
     console = Console()
@@ -803,8 +820,13 @@ def print_table(results: dict[str, Any]) -> None:
             console.print(f"A {mode} accuracy (initial first): {leaf['accuracy']}")
     console.print(
         "embedded is the `fedhub serve` process (with --embedded-in-process: the bench process, clients "
-        "included); `bench (clients)` is the simulated clients' process."
+        "included); `bench (clients)` is the simulated clients' process. req/msg: HTTP requests and "
+        "bus messages (deliveries to a consumer) per client and round."
     )
+
+
+def _per_client_round(leaf: dict[str, Any]) -> str:
+    return f"{leaf['requests_per_client_round']} / {leaf.get('messages_per_client_round', '-')}"
 
 
 def _profile_rows(profile: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
@@ -849,18 +871,20 @@ def profile_text(results: dict[str, Any]) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     """The same figures as a markdown table for the README."""
     lines = [
-        "| workload | mode | clients | median s/round (goal) | rounds (s) | peak RSS MiB (goal) |",
-        "|---|---|---|---|---|---|",
+        "| workload | mode | clients | median s/round (goal) | rounds (s) | requests / bus messages "
+        "per client and round | peak RSS MiB (goal) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for workload, mode, n, leaf in _rows(results):
         if "error" in leaf:
-            lines.append(f"| {workload} | {mode} | {n} | failed: {leaf['error'][:60]} | | |")
+            lines.append(f"| {workload} | {mode} | {n} | failed: {leaf['error'][:60]} | | | |")
             continue
         goal = _round_goal(workload, mode, n)
         median = f"{leaf['round_s_median']:.3f}" + (f" (≤ {goal})" if goal is not None else "")
         rounds = " ".join(f"{s:.3f}" for s in leaf["round_s"])
         lines.append(
-            f"| {workload} | {mode} | {n} | {median} | {rounds} | {_rss_text(mode, leaf['rss_mib'])} |"
+            f"| {workload} | {mode} | {n} | {median} | {rounds} | {_per_client_round(leaf)} "
+            f"| {_rss_text(mode, leaf['rss_mib'])} |"
         )
     return "\n".join(lines)
 

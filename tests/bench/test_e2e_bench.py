@@ -33,6 +33,10 @@ def _check_leaf(leaf: dict[str, Any], clients: int, rounds: int) -> None:
     assert leaf["rss_mib"], "at least one process was sampled"
     assert all(mib > 0 for mib in leaf["rss_mib"].values())
     assert leaf["requests_per_client_round"] > 0
+    # Each accepted update is one UpdateReceived for the orchestrator: at least one message per client
+    # and round (a broker may redeliver, so not exactly).
+    assert leaf["messages_by_type"]["UpdateReceived"] >= clients * rounds
+    assert leaf["messages_per_client_round"] >= 1
 
 
 def _check(results: dict[str, Any], mode: str) -> None:
