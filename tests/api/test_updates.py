@@ -378,9 +378,9 @@ async def test_repeat_that_passes_the_checks_is_caught_by_the_insert(
     async def lookup_blind_until_insert(*args: Any) -> UUID | None:
         return await real_lookup(*args) if inserts else None
 
-    def insert_noting(session: Any, table: type[Any], values: dict[str, Any]) -> Any:
+    def insert_noting(session: Any, table: type[Any]) -> Any:
         inserts.append(table.__name__)
-        return real_insert(session, table, values)
+        return real_insert(session, table)
 
     monkeypatch.setattr(api_service, "_existing_update", lookup_blind_until_insert)
     monkeypatch.setattr(api_service, "_insert_unless_present", insert_noting)
