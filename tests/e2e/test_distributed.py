@@ -433,7 +433,9 @@ async def test_dropped_connections_mid_round_lose_nothing(cluster_settings: Clus
     assert first["waiting_uploads"] >= 1 and first["uploads"] == 0, "an upload was in flight, none committed"
     assert list(second["held"].values()) == [1] and set(second["held"]) <= set(AGGREGATORS)
     assert first["models"] == second["models"] == 0, "both drops came before round 1 had its model"
-    assert faults.handlers_of_the_job == 2
+    # The first handler and the redelivery at least; a third when the job's publish was itself repeated
+    # (its confirm lost in the first drop: at-least-once), which the model's key absorbs the same way.
+    assert faults.handlers_of_the_job >= 2
     # The same processes went on: each reconnected once per drop, none was restarted.
     assert reconnects(cluster_settings.log_dir) == dict.fromkeys(SERVICES, 2)
 
