@@ -3,12 +3,9 @@ was in flight when it came (the aggregation job's answer, a deadline) changes no
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 from uuid import uuid4
 
-import pytest
 from sqlalchemy import update
 
 from services.orchestrator.handlers import HANDLERS, check_deadline
@@ -26,22 +23,7 @@ from shared.events import (
 )
 from shared.messaging import Consumer
 from shared.runtime import Runtime
-from shared.settings import CommonSettings
 from tests.orchestrator.test_handlers import _add_update, _outbox, _state, _training
-
-
-@pytest.fixture
-async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    """An embedded runtime whose relay is stopped, so emitted messages stay in the outbox to inspect."""
-    rt = await Runtime.open(
-        CommonSettings(
-            database_url=f"sqlite+aiosqlite:///{tmp_path}/db.sqlite", blob_path=tmp_path / "blobs"
-        ),
-        create_tables=True,
-    )
-    await rt.relay.stop()
-    yield rt
-    await rt.close()
 
 
 async def test_cancel_while_aggregating_closes_the_round_and_ignores_the_late_job(runtime: Runtime) -> None:

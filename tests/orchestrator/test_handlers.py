@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 from uuid import UUID, uuid4
 
 import pytest
@@ -39,21 +37,6 @@ from shared.events import (
 )
 from shared.messaging import Consumer
 from shared.runtime import Runtime
-from shared.settings import CommonSettings
-
-
-@pytest.fixture
-async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    """An embedded runtime whose relay is stopped, so emitted messages stay in the outbox to inspect."""
-    rt = await Runtime.open(
-        CommonSettings(
-            database_url=f"sqlite+aiosqlite:///{tmp_path}/db.sqlite", blob_path=tmp_path / "blobs"
-        ),
-        create_tables=True,
-    )
-    await rt.relay.stop()
-    yield rt
-    await rt.close()
 
 
 async def _training(rt: Runtime, clients: int = 2, **options: object) -> tuple[UUID, list[UUID]]:
