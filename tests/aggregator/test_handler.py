@@ -575,6 +575,25 @@ async def test_a_redelivered_job_with_members_and_a_rejection_has_one_effect(
     assert sorted(map(str, members)) == sorted(str(ref.update_id) for ref in r.job.updates[1:])
 
 
+async def one_stored_round(settings, runtime: Runtime, outcomes: Outcomes) -> dict[str, torch.Tensor]:
+    """One seeded round through an aggregator with `settings`; its stored model, checked against
+    the expected sample-weighted average."""
+    service = Aggregator(settings, runtime)
+    await service.start()
+    try:
+        r = await seed_round(runtime, delete_updates_after=False)
+        await runtime.bus.publish([envelope_for(r.job)])
+        await settle(runtime, outcomes)
+    finally:
+        await service.stop()
+    model = await model_of(runtime, r.training_id)
+    assert model is not None
+    result = records_to_state_dict(decode_tensors(await runtime.blobs.get(model.blob_key)))
+    expected = expected_average(r)
+    np.testing.assert_allclose(result["fc.weight"].numpy(), expected["fc.weight"], rtol=1e-5, atol=1e-6)
+    return result
+
+
 @pytest.mark.parametrize("window", [1, 3])
 async def test_the_fold_window_setting_reaches_the_round(settings, runtime, outcomes, monkeypatch, window):
     """FEDHUB_AGGREGATOR_FOLD_WINDOW is what the handler hands the pipeline; the model is the same."""
@@ -586,20 +605,8 @@ async def test_the_fold_window_setting_reaches_the_round(settings, runtime, outc
         return await real_open(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "open_round", open_noting)
-    service = Aggregator(settings.model_copy(update={"fold_window": window}), runtime)
-    await service.start()
-    try:
-        r = await seed_round(runtime, delete_updates_after=False)
-        await runtime.bus.publish([envelope_for(r.job)])
-        await settle(runtime, outcomes)
-    finally:
-        await service.stop()
+    await one_stored_round(settings.model_copy(update={"fold_window": window}), runtime, outcomes)
     assert seen == [window]
-    model = await model_of(runtime, r.training_id)
-    assert model is not None
-    result = records_to_state_dict(decode_tensors(await runtime.blobs.get(model.blob_key)))
-    expected = expected_average(r)
-    np.testing.assert_allclose(result["fc.weight"].numpy(), expected["fc.weight"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("pool_mib", [0, 64])
@@ -616,20 +623,10 @@ async def test_a_stored_round_gives_its_model_buffers_to_the_pool(
         return pools[-1]
 
     monkeypatch.setattr(handlers, "BufferPool", noting_pool)
-    service = Aggregator(settings.model_copy(update={"buffer_pool_mib": pool_mib}), runtime)
-    await service.start()
-    try:
-        r = await seed_round(runtime, delete_updates_after=False)
-        await runtime.bus.publish([envelope_for(r.job)])
-        await settle(runtime, outcomes)
-    finally:
-        await service.stop()
+    result = await one_stored_round(
+        settings.model_copy(update={"buffer_pool_mib": pool_mib}), runtime, outcomes
+    )
     assert [p.max_bytes for p in pools] == [pool_mib * 1024 * 1024]
-    model = await model_of(runtime, r.training_id)
-    assert model is not None
-    result = records_to_state_dict(decode_tensors(await runtime.blobs.get(model.blob_key)))
-    expected = expected_average(r)
-    np.testing.assert_allclose(result["fc.weight"].numpy(), expected["fc.weight"], rtol=1e-5, atol=1e-6)
     # The model's floating tensors were lent by the round's lease; integer ones are not pooled.
     floating = sum(t.numel() * t.element_size() for t in result.values() if t.dtype.is_floating_point)
     assert pools[0].held_bytes == (floating if pool_mib else 0)
