@@ -120,7 +120,10 @@ class TrainingCreate(_Body):
 
 
 class TrainingOut(_Body):
-    """A training with who takes part and who has reported for the current round."""
+    """A training with who takes part and who has reported for the current round.
+
+    For a participant (not the owner) the three lists hold that participant alone, when it belongs
+    there: clients learn nothing of each other."""
 
     id: UUID
     state: TrainingState

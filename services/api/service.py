@@ -14,7 +14,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 from uuid import UUID, uuid4, uuid5
 
 import structlog
-from sqlalchemy import Insert, Table, bindparam, func, or_, select
+from sqlalchemy import Exists, Insert, Table, bindparam, exists, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -381,17 +381,33 @@ async def visible_training(
     raise NotFound(f"training {training_id} does not exist")
 
 
-async def training_view(session: AsyncSession, training: Training) -> TrainingView:
-    """The training with its participants and the current round's reporters (one query each)."""
+async def training_view(
+    session: AsyncSession, training: Training, viewer: UUID | None = None
+) -> TrainingView:
+    """The training with its participants and the current round's reporters.
+
+    For its owner (or with no `viewer`) the whole lists, one query each. For a participant they
+    hold the participant alone: a client learns neither who else takes part nor who has reported
+    (as in NVFlare, a site does not see the others), and its read costs one point query whatever
+    the number of clients (at 1,000 clients each catch-up read listed 1,000 ids).
+    """
+    if viewer is not None and viewer != training.owner_id:
+        uploaded, tested = (await session.execute(_REPORTED_BY, _reported_by(training, viewer))).one()
+        return TrainingView(
+            training,
+            participants=[viewer],
+            uploaded=[viewer] if uploaded else [],
+            tested=[viewer] if tested else [],
+        )
     participants = await session.scalars(
         select(Participant.client_id).where(Participant.training_id == training.id)
     )
-    uploaded = await session.scalars(
+    uploaded_by = await session.scalars(
         select(ClientUpdate.client_id).where(
             ClientUpdate.training_id == training.id, ClientUpdate.round == training.round
         )
     )
-    tested = await session.scalars(
+    tested_by = await session.scalars(
         select(TestMetric.client_id).where(
             TestMetric.training_id == training.id, TestMetric.round == training.round
         )
@@ -399,9 +415,26 @@ async def training_view(session: AsyncSession, training: Training) -> TrainingVi
     return TrainingView(
         training,
         participants=sorted(participants, key=str),
-        uploaded=sorted(uploaded, key=str),
-        tested=sorted(tested, key=str),
+        uploaded=sorted(uploaded_by, key=str),
+        tested=sorted(tested_by, key=str),
     )
+
+
+def _reported(entity: type[ClientUpdate | TestMetric]) -> Exists:
+    table = cast(Table, entity.__table__)
+    return exists().where(
+        table.c.training_id == bindparam("training_id"),
+        table.c.round == bindparam("round"),
+        table.c.client_id == bindparam("client_id"),
+    )
+
+
+_REPORTED_BY = select(_reported(ClientUpdate), _reported(TestMetric))
+"""Whether one client has uploaded and tested in a round: two index lookups in one statement."""
+
+
+def _reported_by(training: Training, client_id: UUID) -> dict[str, Any]:
+    return {"training_id": training.id, "round": training.round, "client_id": client_id}
 
 
 def start_message_id(training_id: UUID) -> UUID:

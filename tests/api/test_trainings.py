@@ -74,6 +74,27 @@ async def test_owner_and_participants_read_a_training_others_get_404(world: Worl
         assert resp.json()["error"] == "NotFound"
 
 
+async def test_a_participant_sees_itself_alone_in_the_lists_the_owner_sees_all(world: World) -> None:
+    """Clients learn nothing of each other: `participants`, `uploaded` and `tested` hold only the
+    reading participant (once it has reported); the owner sees every client."""
+    fedhub = world.fedhub
+    url = f"/v1/trainings/{world.training_id}"
+    resp = await fedhub.http.post(
+        f"{url}/updates",
+        content=msgpack_body(model_tensors(), round=1, num_examples=3),
+        headers={**world.bob.headers, "Content-Type": "application/msgpack"},
+    )
+    assert resp.status_code == 201, resp.text
+
+    owner = (await fedhub.http.get(url, headers=fedhub.admin.headers)).json()
+    assert sorted(owner["participants"]) == sorted([world.alice.id, world.bob.id])
+    assert owner["uploaded"] == [world.bob.id]
+    bob = (await fedhub.http.get(url, headers=world.bob.headers)).json()
+    assert (bob["participants"], bob["uploaded"], bob["tested"]) == ([world.bob.id], [world.bob.id], [])
+    alice = (await fedhub.http.get(url, headers=world.alice.headers)).json()
+    assert (alice["participants"], alice["uploaded"], alice["tested"]) == ([world.alice.id], [], [])
+
+
 async def test_start_is_accepted_once_and_emits_start_training(fedhub: Fedhub) -> None:
     """Start answers 202 and publishes StartTraining; once the training moved on, a second start is 409."""
     alice = await fedhub.principal()

@@ -74,8 +74,11 @@ async def test_update_is_stored_recorded_and_announced(world: World) -> None:
             num_examples=25,
         )
     ]
-    training = (await fedhub.http.get(f"/v1/trainings/{world.training_id}", headers=world.bob.headers)).json()
-    assert training["uploaded"] == [world.alice.id]
+    url = f"/v1/trainings/{world.training_id}"
+    assert (await fedhub.http.get(url, headers=fedhub.admin.headers)).json()["uploaded"] == [world.alice.id]
+    assert (await fedhub.http.get(url, headers=world.alice.headers)).json()["uploaded"] == [world.alice.id]
+    # Another participant learns nothing of alice's upload.
+    assert (await fedhub.http.get(url, headers=world.bob.headers)).json()["uploaded"] == []
 
 
 async def test_json_base64_update_is_accepted(world: World) -> None:
@@ -469,8 +472,10 @@ async def test_test_metrics_are_recorded_once(world: World) -> None:
             training_id=UUID(world.training_id), round=1, client_id=UUID(world.bob.id), num_examples=4
         )
     ]
-    training = (await fedhub.http.get(f"/v1/trainings/{world.training_id}", headers=world.bob.headers)).json()
-    assert training["tested"] == [world.bob.id]
+    url = f"/v1/trainings/{world.training_id}"
+    assert (await fedhub.http.get(url, headers=world.bob.headers)).json()["tested"] == [world.bob.id]
+    assert (await fedhub.http.get(url, headers=world.alice.headers)).json()["tested"] == []
+    assert (await fedhub.http.get(url, headers=fedhub.admin.headers)).json()["tested"] == [world.bob.id]
 
 
 @pytest.mark.parametrize(

@@ -78,9 +78,12 @@ async def create_training(body: TrainingCreate, actor: CurrentActor, uow: UowDep
 async def get_training(
     training_id: UUID, principal: CurrentPrincipal, uow: UowDep, cache: CacheDep
 ) -> TrainingOut:
-    """A training, for its owner or its participants."""
+    """A training, for its owner or its participants.
+
+    A participant sees itself alone in `participants`, `uploaded` and `tested`: clients learn
+    nothing of each other; the owner sees every client."""
     training = await service.visible_training(uow.session, cache, training_id, principal)
-    return training_out(await service.training_view(uow.session, training))
+    return training_out(await service.training_view(uow.session, training, viewer=principal.id))
 
 
 @router.post(
