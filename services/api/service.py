@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 from uuid import UUID, uuid4, uuid5
 
 import structlog
@@ -62,7 +62,7 @@ from shared.errors import (
     NotFound,
     RoundClosed,
 )
-from shared.events import CancelTraining, StartTraining, TestMetricsReceived, UpdateReceived
+from shared.events import CancelTraining, StartTraining, TestMetricsReceived, UpdateReceived, utcnow
 from shared.tensors import TensorSpec, check_against_spec, first_non_finite
 
 log = structlog.get_logger(component="api")
@@ -652,12 +652,14 @@ async def receive_streamed_update(
     training: ReportedTraining,
     client_id: UUID,
     reader: TensorDocumentReader,
+    body_size: int | None = None,
 ) -> UpdateReceipt:
     """Accept a msgpack update as its body streams in: checked and stored chunk by chunk, never whole.
 
     The answers are those of `receive_update`. Fields sent before `tensors` are checked before any
-    tensor is read; when the round comes after the tensors, the stored blob is deleted again if the
-    upload turns out to be a repeat or too late.
+    tensor is read (a body of `REPEAT_LOOKUP_BYTES` or more, or of unknown `body_size`, is also
+    looked up as a repeat then); when the round comes after the tensors, the stored blob is deleted
+    again if the upload turns out to be a repeat or too late.
     """
     session = uow.session
     fields: dict[str, Any] = {}
@@ -667,7 +669,8 @@ async def receive_streamed_update(
         item = await reader.next_item()
     checked = "round" in fields or item is None
     if checked:
-        repeat = await _repeat_or_closed(session, training, client_id, fields)
+        large = body_size is None or body_size >= REPEAT_LOOKUP_BYTES
+        repeat = await _repeat_or_closed(session, training, client_id, fields, look_up=large)
         if repeat is not None:
             return repeat
     if not isinstance(item, StreamedTensors):
@@ -712,11 +715,30 @@ async def _current_model(session: AsyncSession, cache: ApiCache, training: Repor
     return model
 
 
+REPEAT_LOOKUP_BYTES = 64 * 1024
+"""A streamed upload this large (or of unknown length) whose round comes before its tensors is
+looked up as a repeat before any tensor is read: a retried large upload is never read or stored
+twice. A smaller one in an open round goes straight to the insert, which finds a repeat too: one
+statement less per upload, and on a (rare) repeat a small blob written and deleted again."""
+
+
 async def _repeat_or_closed(
-    session: AsyncSession, training: ReportedTraining, client_id: UUID, fields: Mapping[str, Any]
+    session: AsyncSession,
+    training: ReportedTraining,
+    client_id: UUID,
+    fields: Mapping[str, Any],
+    *,
+    look_up: bool = False,
 ) -> UpdateReceipt | None:
-    """The first update's receipt for a repeat; None when the round is open; else `RoundClosed`."""
+    """The first update's receipt for a repeat, `RoundClosed` when the round is not open, else None.
+
+    While the round is open a repeat is looked up only when `look_up`; otherwise it is left to the
+    insert in `_record_update`."""
     round_ = _integer(fields, "round", minimum=None)
+    if not look_up and _is_open(
+        training.state, training.phase, training.round, round_, RoundPhase.COLLECTING
+    ):
+        return None
     existing = await _existing_update(session, training.id, round_, client_id)
     if existing is not None:
         return UpdateReceipt(update_id=existing, round=round_, duplicate=True)
@@ -734,12 +756,15 @@ async def _record_update(
     num_examples: int,
     metrics: dict[str, float | int],
 ) -> UpdateReceipt:
-    """Insert the update's row (unless a concurrent repeat won), recheck the round, announce it."""
+    """Insert the update's row if the round is still open and the client has none in it; announce it.
+
+    An insert that did nothing is a repeat (answered with the first update) or a round that closed
+    since it was read (`RoundClosed`); either way the stored blob is deleted again."""
     session = uow.session
     training_id, update_id, key = training.id, stored.update_id, stored.key
     round_ = _integer(fields, "round", minimum=None)
     inserted = await session.scalar(
-        _insert_unless_present(session, ClientUpdate),
+        _insert_if_open(session, ClientUpdate),
         {
             "id": update_id,
             "training_id": training_id,
@@ -749,19 +774,16 @@ async def _record_update(
             "digest": stored.digest,
             "num_examples": num_examples,
             "metrics": metrics,
+            "received_at": utcnow(),
         },
     )
     if inserted is None:
-        # A concurrent upload by the same client for this round committed first: answer with it.
         await blobs.delete(key)
-        log.info(
-            "update.duplicate_raced", training_id=str(training_id), round=round_, client_id=str(client_id)
-        )
         first = await _existing_update(session, training_id, round_, client_id)
         if first is None:
-            raise RoundClosed(f"training {training_id}: the update for round {round_} could not be recorded")
+            await _closed_since(session, training_id, round_, RoundPhase.COLLECTING)
+        log.info("update.repeat", training_id=str(training_id), round=round_, client_id=str(client_id))
         return UpdateReceipt(update_id=first, round=round_, duplicate=True)
-    await _recheck_open(session, training_id, round_, RoundPhase.COLLECTING)
     uow.emit(
         UpdateReceived(
             training_id=training_id,
@@ -808,13 +830,14 @@ async def receive_test_metrics(
     session = uow.session
     training = await participant_training(session, cache, training_id, client_id)
     round_ = _integer(report, "round", minimum=None)
-    if await _existing_test_metric(session, training_id, round_, client_id):
-        return Receipt(round=round_, duplicate=True)
-    _require_open(training_id, training.state, training.phase, training.round, round_, RoundPhase.TESTING)
+    if not _is_open(training.state, training.phase, training.round, round_, RoundPhase.TESTING):
+        if await _existing_test_metric(session, training_id, round_, client_id):
+            return Receipt(round=round_, duplicate=True)
+        _require_open(training_id, training.state, training.phase, training.round, round_, RoundPhase.TESTING)
     num_examples = _integer(report, "num_examples", minimum=0)
     metrics = _metrics(report.get("metrics"))
     inserted = await session.scalar(
-        _insert_unless_present(session, TestMetric),
+        _insert_if_open(session, TestMetric),
         {
             "id": uuid4(),
             "training_id": training_id,
@@ -822,11 +845,13 @@ async def receive_test_metrics(
             "client_id": client_id,
             "num_examples": num_examples,
             "metrics": metrics,
+            "received_at": utcnow(),
         },
     )
     if inserted is None:
+        if not await _existing_test_metric(session, training_id, round_, client_id):
+            await _closed_since(session, training_id, round_, RoundPhase.TESTING)
         return Receipt(round=round_, duplicate=True)
-    await _recheck_open(session, training_id, round_, RoundPhase.TESTING)
     uow.emit(
         TestMetricsReceived(
             training_id=training_id, round=round_, client_id=client_id, num_examples=num_examples
@@ -861,6 +886,12 @@ async def _existing_test_metric(
     return found is not None
 
 
+def _is_open(
+    state: TrainingState, phase: RoundPhase | None, open_round: int, round_: int, needed: RoundPhase
+) -> bool:
+    return state == TrainingState.ONGOING and phase == needed and open_round == round_
+
+
 def _require_open(
     training_id: UUID,
     state: TrainingState,
@@ -869,7 +900,7 @@ def _require_open(
     round_: int,
     needed: RoundPhase,
 ) -> None:
-    if state == TrainingState.ONGOING and phase == needed and open_round == round_:
+    if _is_open(state, phase, open_round, round_, needed):
         return
     raise RoundClosed(
         f"training {training_id}: round {round_} does not accept this now "
@@ -878,36 +909,61 @@ def _require_open(
     )
 
 
-async def _recheck_open(session: AsyncSession, training_id: UUID, round_: int, needed: RoundPhase) -> None:
-    # The orchestrator may have closed the round since the first check. On PostgreSQL the shared lock
-    # holds its transition back until this one commits, so it then counts this row; on SQLite this
-    # transaction already holds the write lock, so the read is current.
+async def _closed_since(
+    session: AsyncSession, training_id: UUID, round_: int, needed: RoundPhase
+) -> NoReturn:
+    """`RoundClosed` naming the training's state now: the orchestrator moved it on since it was read."""
     state, phase, open_round = (
         await session.execute(
-            select(Training.state, Training.phase, Training.round)
-            .where(Training.id == training_id)
-            .with_for_update(read=True)
+            select(Training.state, Training.phase, Training.round).where(Training.id == training_id)
         )
     ).one()
     _require_open(training_id, state, phase, open_round, round_, needed)
+    raise RoundClosed(f"training {training_id}: the report for round {round_} could not be recorded")
 
 
-def _insert_unless_present(session: AsyncSession, table: type[ClientUpdate | TestMetric]) -> Insert:
-    """An INSERT of one row of `table` that does nothing when its (training, round, client) is already
-    there, returning the new row's id (none then). Built once per dialect and table and run with the
-    row as parameters: a Core statement on the table, not an ORM insert (a per-upload cost)."""
-    return _insert_unless_present_on(session.get_bind().dialect.name, table)
+def _insert_if_open(session: AsyncSession, entity: type[ClientUpdate | TestMetric]) -> Insert:
+    """An INSERT of one row of `entity` that happens only while the training is ONGOING in the row's
+    round and in the phase that takes such rows, and only when the client has no row in that round;
+    it returns the new row's id (none when it did nothing).
+
+    One statement for three (a lookup of a repeat, the insert, a recheck of the round): the training
+    row is read by the insert itself, FOR SHARE on PostgreSQL, so an orchestrator closing the round
+    waits for this commit and then counts this row; on SQLite the insert holds the write lock while
+    it reads. Built once per dialect and entity and run with the row as parameters (a Core
+    statement, not an ORM insert: a per-upload cost)."""
+    return _insert_if_open_on(session.get_bind().dialect.name, entity)
 
 
 @functools.cache
-def _insert_unless_present_on(dialect: str, entity: type[ClientUpdate | TestMetric]) -> Insert:
+def _insert_if_open_on(dialect: str, entity: type[ClientUpdate | TestMetric]) -> Insert:
     table = cast(Table, entity.__table__)
+    needed = RoundPhase.COLLECTING if entity is ClientUpdate else RoundPhase.TESTING
+    given = [c for c in table.c if c.name not in ("blob_deleted_at", "rejected_reason")]
+    params = {c.name: bindparam(c.name, type_=c.type) for c in given}
+    row = (
+        select(*params.values())
+        .where(
+            _TRAINING.c.id == params["training_id"],
+            _TRAINING.c.state == TrainingState.ONGOING,
+            _TRAINING.c.phase == needed,
+            _TRAINING.c.round == params["round"],
+        )
+        .with_for_update(read=True)
+    )
     keys = ["training_id", "round", "client_id"]
+    insert: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(index_elements=keys).returning(table.c.id)
-    if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys).returning(table.c.id)
-    raise NotImplementedError(f"fedhub does not support the {dialect} database")
+        insert = postgresql.insert(table)
+    elif dialect == "sqlite":
+        insert = sqlite.insert(table)
+    else:
+        raise NotImplementedError(f"fedhub does not support the {dialect} database")
+    return (
+        insert.from_select([c.name for c in given], row)
+        .on_conflict_do_nothing(index_elements=keys)
+        .returning(table.c.id)
+    )
 
 
 def _is_number(value: object) -> bool:

@@ -366,30 +366,31 @@ async def test_concurrent_duplicates_keep_one_update(world: World) -> None:
     assert len(await fedhub.published(UpdateReceived)) == 1
 
 
-async def test_repeat_that_passes_the_checks_is_caught_by_the_insert(
+async def test_a_repeat_in_an_open_round_is_caught_by_the_insert(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The race made certain: the repeat's lookups miss the first row until its insert does nothing."""
+    """While the round is open nothing is looked up before the upload: the insert that does nothing
+    finds the repeat, answered with the first update, its blob deleted again."""
     fedhub = world.fedhub
     headers = {**world.alice.headers, "Content-Type": MSGPACK}
     body = msgpack_body(model_tensors(), round=1, num_examples=5)
     first = await fedhub.http.post(updates_url(world), content=body, headers=headers)
     files_after_first = blob_files(fedhub.blob_root)
-    real_lookup, real_insert = api_service._existing_update, api_service._insert_unless_present
-    inserts: list[str] = []
+    real_lookup, real_insert = api_service._existing_update, api_service._insert_if_open
+    calls: list[str] = []
 
-    async def lookup_blind_until_insert(*args: Any) -> UUID | None:
-        return await real_lookup(*args) if inserts else None
+    async def lookup_noting(*args: Any) -> UUID | None:
+        calls.append("lookup")
+        return await real_lookup(*args)
 
-    def insert_noting(session: Any, table: type[Any]) -> Any:
-        inserts.append(table.__name__)
-        return real_insert(session, table)
+    def insert_noting(session: Any, entity: type[Any]) -> Any:
+        calls.append(f"insert {entity.__name__}")
+        return real_insert(session, entity)
 
-    monkeypatch.setattr(api_service, "_existing_update", lookup_blind_until_insert)
-    monkeypatch.setattr(api_service, "_insert_unless_present", insert_noting)
+    monkeypatch.setattr(api_service, "_existing_update", lookup_noting)
+    monkeypatch.setattr(api_service, "_insert_if_open", insert_noting)
     second = await fedhub.http.post(updates_url(world), content=body, headers=headers)
-    # Both lookups missed, so only the insert that did nothing can have found the first update.
-    assert inserts == ["ClientUpdate"]
+    assert calls == ["insert ClientUpdate", "lookup"]
     assert second.status_code == 200, second.text
     assert second.json() == {"update_id": first.json()["update_id"], "round": 1, "duplicate": True}
     assert await fedhub.count(db.ClientUpdate) == 1

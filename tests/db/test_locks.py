@@ -104,3 +104,71 @@ async def test_concurrently_handled_updates_make_one_aggregation_job(pg_runtime)
 
     await pg_runtime.relay.stop()
     await concurrent_updates_make_one_job(pg_runtime)
+
+
+async def _client_of(runtime, training_id: UUID) -> UUID:
+    """A new client principal (updates need one as their foreign key)."""
+    client = uuid4()
+    async with runtime.uow() as uow:
+        uow.session.add(
+            Principal(id=client, name=f"client-{client}", role=Role.CLIENT, token_hash=client.hex)
+        )
+    return client
+
+
+def _update_row(training_id: UUID, client_id: UUID, round_: int = 1) -> dict[str, object]:
+    return {
+        "id": uuid4(),
+        "training_id": training_id,
+        "round": round_,
+        "client_id": client_id,
+        "blob_key": f"update/{uuid4()}",
+        "digest": "d",
+        "num_examples": 3,
+        "metrics": {},
+        "received_at": datetime.now(UTC),
+    }
+
+
+async def test_an_update_is_inserted_only_while_its_round_collects(pg_runtime):
+    """The API's one-statement insert on PostgreSQL: a row while the round collects (none for a
+    repeat), none once the training has moved on; and its share lock on the training holds the
+    orchestrator's transition back until the upload commits."""
+    from services.api.service import _insert_if_open
+    from shared.db.models import ClientUpdate
+
+    training_id = await new_training(pg_runtime)
+    alice, bob = await _client_of(pg_runtime, training_id), await _client_of(pg_runtime, training_id)
+
+    async def insert(row: dict[str, object]) -> UUID | None:
+        async with pg_runtime.uow() as uow:
+            return await uow.session.scalar(_insert_if_open(uow.session, ClientUpdate), row)
+
+    assert await insert(_update_row(training_id, alice)) is None  # INITIAL: no open round
+    async with pg_runtime.uow() as uow:
+        repo = TrainingRepository(uow.session)
+        training, _ = await repo.load(training_id)
+        await repo.apply(training, start(training), datetime.now(UTC))
+    first = _update_row(training_id, alice)
+    assert await insert(first) == first["id"]
+    assert await insert(_update_row(training_id, alice)) is None  # a repeat
+    assert await insert(_update_row(training_id, bob, round_=2)) is None  # not the open round
+
+    async with pg_runtime.uow() as upload:
+        row = _update_row(training_id, bob)
+        assert await upload.session.scalar(_insert_if_open(upload.session, ClientUpdate), row) == row["id"]
+
+        async def close_round() -> int:
+            async with pg_runtime.uow() as uow:
+                repo = TrainingRepository(uow.session)
+                await repo.load(training_id)  # FOR UPDATE, as a transition does
+                return await repo.count_updates(training_id, 1)
+
+        closing = asyncio.create_task(close_round())
+
+        async def closing_waits() -> bool:
+            return await lock_waiters(pg_runtime) == 1
+
+        await wait_until(closing_waits, "the transition to wait on the upload's share lock")
+        assert not closing.done()
+    assert await closing == 2  # it counted bob's update, committed before it could read

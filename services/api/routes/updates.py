@@ -61,7 +61,9 @@ async def upload_update(
     training = await service.participant_training(uow.session, cache, training_id, client_id)
     if fmt is PayloadFormat.MSGPACK:
         reader = TensorDocumentReader(request_chunks(request, settings.max_upload_bytes))
-        receipt = await service.receive_streamed_update(uow, blobs, cache, training, client_id, reader)
+        receipt = await service.receive_streamed_update(
+            uow, blobs, cache, training, client_id, reader, _content_length(request)
+        )
     else:
         doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
         receipt = await service.receive_update(uow, blobs, cache, training, client_id, doc)
@@ -88,3 +90,9 @@ async def report_test_metrics(
     if receipt.duplicate:
         response.status_code = status.HTTP_200_OK
     return MetricsAccepted(round=receipt.round, duplicate=receipt.duplicate)
+
+
+def _content_length(request: Request) -> int | None:
+    """The body's declared length (None when chunked or not a number: the body limit still holds)."""
+    value = request.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
