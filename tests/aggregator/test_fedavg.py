@@ -14,6 +14,7 @@ from services.aggregator.methods import (
     NothingToAggregate,
     RoundContext,
     UpdateMismatch,
+    kernels,
     linear,
 )
 from shared.aggregation import AggregationMethod, FedAvgParams, FedProxParams
@@ -398,9 +399,11 @@ def test_check_refuses_what_add_refuses_and_folds_nothing():
         method.result()
 
 
-def test_a_half_precision_update_is_converted_a_block_at_a_time():
-    """Folding bfloat16 updates allocates nothing larger than one float32 block (no whole-tensor
-    float32 copy), whatever the window; the accumulator itself is the only model-sized buffer."""
+def test_a_half_precision_update_is_converted_a_block_at_a_time(monkeypatch):
+    """Without the fused kernel (no numba), folding bfloat16 updates allocates nothing larger than
+    one float32 block (no whole-tensor float32 copy), whatever the window; the accumulator itself
+    is the only model-sized buffer. (The fused kernel allocates nothing: test_kernels.py.)"""
+    monkeypatch.setattr(kernels, "load", lambda: None)
     n = 4 * linear.CONVERT_BLOCK
     gen = torch.Generator().manual_seed(5)
     updates = [{"w": torch.randn(n, generator=gen).bfloat16()} for _ in range(4)]

@@ -19,9 +19,12 @@ Accumulation by dtype
 Windows: `add_many` folds several updates at once. On the CPU, without a `transform`, each
 accumulator is walked once per window in blocks (`FOLD_BLOCK`, `CONVERT_BLOCK` elements), each
 block taking every update of the window (in order) while it is in cache: the accumulator crosses
-the memory bus once per window instead of once per update, and a float16 or bfloat16 update is
-converted a block at a time into a reused float32 buffer, never as a whole-tensor copy. The
-steps are exactly those of sequential `add` calls, so the result is bit for bit the same. A caller
+the memory bus once per window instead of once per update. float16 and bfloat16 updates are
+widened and folded in one pass by a fused kernel (`kernels.fold_half`, numba), four updates per
+pass, no float32 copy of an update ever written; without numba they are converted a block at a
+time into a reused float32 buffer. The kernel computes exactly torch's ``lerp_`` (same fma, same
+rounding) and every path folds in the same order with the same weights, so windowed folds are
+bit for bit those of sequential `add` calls. A caller
 holding a window of W decoded updates holds W + 1 models (the pipeline's
 ``FEDHUB_AGGREGATOR_FOLD_WINDOW``).
 
@@ -49,6 +52,7 @@ from services.aggregator.methods.base import (
     UpdateMismatch,
 )
 from services.aggregator.methods.buffers import BufferLease
+from services.aggregator.methods.kernels import fold_half
 from shared.aggregation import AggregationMethod, MethodParams
 from shared.errors import MalformedPayload
 
@@ -475,13 +479,17 @@ def _lerp_blocks(
 
     `FOLD_BLOCK` elements at a time: every step is applied to an accumulator block before the next
     block is touched, so the accumulator crosses the memory bus once per call, not once per step.
-    An `x` of another dtype (float16, bfloat16) is converted `CONVERT_BLOCK` elements at a time
-    into a reused buffer. Element by element the operations are those of whole-tensor calls.
+    float16 and bfloat16 values go through the fused kernel (`kernels.fold_half`, bit for bit
+    torch's lerp) where numba is installed; otherwise an `x` of another dtype is converted
+    `CONVERT_BLOCK` elements at a time into a reused buffer. Element by element the operations
+    are those of whole-tensor calls.
     """
     if first is not None:
         first = first.to(acc.device)
     sources = [(x.to(acc.device), f) for x, f in steps]
     convert = any(x.dtype != acc.dtype for x, _ in sources)
+    if convert and fold_half(acc, sources, first=first):
+        return
     n = acc.numel()
     passes = len(sources) + (first is not None)
     if not acc.is_contiguous() or n == 0 or (not convert and (n <= FOLD_BLOCK or passes <= 1)):
