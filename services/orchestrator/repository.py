@@ -4,15 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import cast
 from uuid import UUID
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, Table, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.orchestrator.machine import Step, TrainingView
 from shared.db.models import ClientUpdate, Participant, TestMetric, Training, TrainingRound
 from shared.errors import Conflict, NotFound
 from shared.lru import Lru
+
+
+def _count_of(entity: type[ClientUpdate | TestMetric]) -> Select[int]:
+    table = cast(Table, entity.__table__)
+    return (
+        select(func.count())
+        .select_from(table)
+        .where(table.c.training_id == bindparam("training_id"), table.c.round == bindparam("round"))
+    )
+
+
+_COUNT_UPDATES = _count_of(ClientUpdate)
+_COUNT_TEST_REPORTS = _count_of(TestMetric)
+"""Built once, run with parameters: the orchestrator counts a round's reports once per report (at
+1,000 clients, building the statement each time was a visible share of its CPU)."""
 
 _PARTICIPANTS: Lru[UUID, int] = Lru(4096)
 """Participants per training: a fact that never changes once the training exists (a per-process LRU)."""
@@ -51,20 +67,12 @@ class TrainingRepository:
 
     async def count_updates(self, training_id: UUID, round_: int) -> int:
         """How many updates the round has (all of them: the aggregator rejects some only later)."""
-        n = await self.session.scalar(
-            select(func.count())
-            .select_from(ClientUpdate)
-            .where(ClientUpdate.training_id == training_id, ClientUpdate.round == round_)
-        )
+        n = await self.session.scalar(_COUNT_UPDATES, {"training_id": training_id, "round": round_})
         return n or 0
 
     async def count_test_reports(self, training_id: UUID, round_: int) -> int:
         """How many test reports the round has."""
-        n = await self.session.scalar(
-            select(func.count())
-            .select_from(TestMetric)
-            .where(TestMetric.training_id == training_id, TestMetric.round == round_)
-        )
+        n = await self.session.scalar(_COUNT_TEST_REPORTS, {"training_id": training_id, "round": round_})
         return n or 0
 
     async def updates(self, training_id: UUID, round_: int) -> Sequence[ClientUpdate]:
