@@ -98,15 +98,20 @@ def fold_half(
     if threads == 1:
         fold_range(0, n)
         return True
-    # Ranges of whole cache lines (16 floats); the calling thread folds the first itself.
-    bounds = [min(n, (n * i // threads + 15) // 16 * 16) for i in range(threads + 1)]
-    bounds[-1] = n
+    # Several chunks per thread (whole cache lines of 16 floats), taken in turn by whichever thread
+    # is free: a thread another process holds off its core does not leave the others waiting.
+    chunks = min(4 * threads, n // PARALLEL_MIN)
+    bounds = [(n * i // chunks) // 16 * 16 for i in range(chunks)] + [n]
+    queue = iter(range(chunks))  # next() on it is atomic under the GIL
+
+    def drain() -> None:
+        for i in queue:
+            fold_range(bounds[i], bounds[i + 1])
+
     pool = _pool()
-    futures: list[Future[None]] = [
-        pool.submit(fold_range, bounds[i], bounds[i + 1]) for i in range(1, threads)
-    ]
+    futures: list[Future[None]] = [pool.submit(drain) for _ in range(threads - 1)]
     try:
-        fold_range(bounds[0], bounds[1])
+        drain()
     finally:
         for future in futures:
             future.result()
