@@ -18,10 +18,10 @@ rounding, as torch's), so its results equal the unfused torch path element for e
 infinities included (tests/aggregator/test_kernels.py): windowed and one-at-a-time folds agree
 whichever path each fold takes.
 
-Threads: a tensor of at least `PARALLEL_MIN` elements per thread is split into
-``torch.get_num_threads()`` contiguous ranges folded at once (the kernel releases the GIL); the
-threads are this module's own, so folds running at once in several threads of a process are safe
-(numba's own parallel runtime is not used).
+Threads: a tensor of at least `PARALLEL_MIN` elements per thread is cut into chunks (four per
+thread) that ``torch.get_num_threads()`` threads take in turn, folding at once (the kernel releases
+the GIL); the threads are this module's own, so folds running at once in several threads of a
+process are safe (numba's own parallel runtime is not used).
 
 Where numba is not importable (or cannot compile), `fold_half` returns False and the caller folds
 with torch as before.
