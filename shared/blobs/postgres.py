@@ -141,13 +141,16 @@ class PostgresBlobStore(BlobStore):
         """A blob of one chunk: its row, complete, and its chunk in one statement (PostgreSQL).
 
         Nobody sees the row before the commit, so it can be complete from the start; a concurrent
-        writer of the same key still waits on the primary key, as in `_write`.
+        writer of the same key still waits on the primary key, as in `_write`. One statement is
+        atomic by itself, so on PostgreSQL it runs in autocommit: no BEGIN and COMMIT round trips.
         """
         check_key(key)
         values = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "data": data}
+        if self.engine.dialect.name == "postgresql":
+            async with self.engine.connect() as conn:
+                autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                return (await autocommit.execute(_WRITE_ONE, values)).first() is not None
         async with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                return (await conn.execute(_WRITE_ONE, values)).first() is not None
             if (await conn.execute(_claim(sqlite.insert(blob_table)), values)).first() is None:
                 return False
             await self._write_chunk(conn, key, 0, data)

@@ -17,12 +17,17 @@ class Base(DeclarativeBase):
 
 def create_engine(url: str, *, sqlite_busy_timeout_s: float = 30.0, **kwargs: Any) -> AsyncEngine:
     """An async engine. SQLite (`shared.db.sqlite`): WAL, foreign keys, statements on the event loop,
-    writers queued in the process, `sqlite_busy_timeout_s` for writers of other processes."""
+    writers queued in the process, `sqlite_busy_timeout_s` for writers of other processes.
+
+    PostgreSQL connections are not pinged at checkout (a round trip per checkout: two per upload).
+    A connection the server closed (a restart, a failover) fails its next use instead: that
+    request answers 5xx and is retried by the client, that message is redelivered, and SQLAlchemy
+    then discards every pooled connection of the old server; nothing committed is affected."""
     if make_url(url).get_backend_name() == "sqlite":
         return sqlite_engine(url, busy_timeout_s=sqlite_busy_timeout_s, **kwargs)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
-    return create_async_engine(url, pool_pre_ping=True, **kwargs)
+    return create_async_engine(url, **kwargs)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
