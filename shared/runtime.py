@@ -34,7 +34,7 @@ class Runtime:
         cls, settings: CommonSettings, *, bus: Bus | None = None, create_tables: bool = False
     ) -> Runtime:
         """Connect everything `settings` names; `create_tables` builds the schema (embedded mode)."""
-        engine = create_engine(settings.database_url)
+        engine = create_engine(settings.database_url, **settings.engine_options())
         if create_tables:
             await create_schema(engine)
         blobs = await open_blob_store(settings, create_tables=create_tables)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +17,19 @@ class CommonSettings(BaseSettings):
     database_url: str = Field(
         default="sqlite+aiosqlite:///.fedhub/fedhub.db",
         description="SQLAlchemy async URL: sqlite+aiosqlite:///path or postgresql+asyncpg://...",
+    )
+    database_pool_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="connections each process keeps open (unset: 16 on SQLite, 10 on PostgreSQL)",
+    )
+    database_pool_overflow: int | None = Field(
+        default=None,
+        ge=0,
+        description="connections opened beyond the pool under load and closed after (unset: 16 / 20)",
+    )
+    database_pool_timeout_s: float = Field(
+        default=30.0, gt=0, description="how long a request waits for a free connection before it fails"
     )
     amqp_url: str | None = Field(
         default=None, description="RabbitMQ URL; unset means the in-memory bus (embedded mode only)"
@@ -41,3 +54,12 @@ class CommonSettings(BaseSettings):
         ge=0,
         description="how long a resolved bearer token is remembered (0: look every request up)",
     )
+
+    def engine_options(self) -> dict[str, Any]:
+        """The pool options set here, for `shared.db.create_engine` (unset ones keep its defaults)."""
+        options: dict[str, Any] = {"pool_timeout": self.database_pool_timeout_s}
+        if self.database_pool_size is not None:
+            options["pool_size"] = self.database_pool_size
+        if self.database_pool_overflow is not None:
+            options["max_overflow"] = self.database_pool_overflow
+        return options

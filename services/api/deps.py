@@ -9,6 +9,8 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.api.cache import ApiCache
+from services.api.reports import Reports
+from services.api.service import new_reports
 from services.api.settings import ApiSettings
 from shared.auth import Caller, PrincipalCache, bearer_token, caller_for_token
 from shared.blobs import BlobStore
@@ -94,7 +96,17 @@ async def get_cache(request: Request) -> ApiCache:
     return cast(ApiCache, request.app.state.cache)
 
 
+async def get_reports(request: Request, runtime: RuntimeDep) -> Reports:
+    """The app's report groups (`services.api.reports`), made on first use over the runtime's units
+    of work."""
+    reports: Reports | None = getattr(request.app.state, "reports", None)
+    if reports is None:
+        reports = request.app.state.reports = new_reports(runtime.uow)
+    return reports
+
+
 CacheDep = Annotated[ApiCache, Depends(get_cache)]
+ReportsDep = Annotated[Reports, Depends(get_reports)]
 CurrentActor = Annotated[Caller, Depends(current_actor)]
 CurrentClient = Annotated[Caller, Depends(current_client)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]

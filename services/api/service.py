@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.cache import ApiCache, ModelFacts
 from services.api.errors import ValidationError
+from services.api.reports import ReportGroups, Reports, recorded_or_not
 from services.api.schemas import OFFLOAD_BYTES, TensorDocument, TrainingCreate
 from services.api.uploads import (
     ExcludedTensors,
@@ -52,7 +53,7 @@ from shared.db.models import (
     Training,
     TrainingRound,
 )
-from shared.db.uow import UnitOfWork
+from shared.db.uow import UnitOfWork, UnitOfWorkFactory
 from shared.enums import Role, RoundPhase, TrainingState
 from shared.errors import (
     IllegalTransition,
@@ -623,6 +624,7 @@ async def receive_update(
     uow: UnitOfWork,
     blobs: BlobStore,
     cache: ApiCache,
+    reports: Reports,
     training: ReportedTraining,
     client_id: UUID,
     doc: TensorDocument,
@@ -640,15 +642,19 @@ async def receive_update(
     update_id = uuid4()
     key = update_key(update_id)
     await blobs.put(key, data)
-    uow.on_rollback(lambda: blobs.delete(key))
+    blob = _UpdateBlob(blobs, key)
+    uow.on_rollback(blob.undo)
     stored = _Stored(update_id=update_id, key=key, digest=content_key(data)[1], size=len(data))
-    return await _record_update(uow, blobs, training, client_id, doc.fields, stored, num_examples, metrics)
+    return await _record_update(
+        uow, reports, blob, training, client_id, doc.fields, stored, num_examples, metrics
+    )
 
 
 async def receive_streamed_update(
     uow: UnitOfWork,
     blobs: BlobStore,
     cache: ApiCache,
+    reports: Reports,
     training: ReportedTraining,
     client_id: UUID,
     reader: TensorDocumentReader,
@@ -686,9 +692,10 @@ async def receive_streamed_update(
     canonical = written.count(canonical_update(items_after(reader), spec, fields, excluded))
     async with aclosing(canonical) as chunks:
         await blobs.put_stream(key, chunks)
-    uow.on_rollback(lambda: blobs.delete(key))
-    # Checked before the tensors already, a repeat or a close since is caught by the insert or the
-    # recheck in `_record_update` (which answer the same); otherwise check now.
+    blob = _UpdateBlob(blobs, key)
+    uow.on_rollback(blob.undo)
+    # Checked before the tensors already, a repeat or a close since is caught by the conditional
+    # insert in `_record_update` (which answers the same); otherwise check now.
     if not checked:
         repeat = await _repeat_or_closed(session, training, client_id, fields)
         if repeat is not None:
@@ -697,7 +704,24 @@ async def receive_streamed_update(
     num_examples = _integer(fields, "num_examples", minimum=1)
     metrics = _metrics(fields.get("metrics"))
     stored = _Stored(update_id=update_id, key=key, digest=written.digest, size=written.size)
-    return await _record_update(uow, blobs, training, client_id, fields, stored, num_examples, metrics)
+    return await _record_update(
+        uow, reports, blob, training, client_id, fields, stored, num_examples, metrics
+    )
+
+
+@dataclass(slots=True)
+class _UpdateBlob:
+    """An upload's stored blob, deleted again when the request's unit of work rolls back, unless its
+    row committed meanwhile in a group of reports (`recorded`): then the blob is the update's."""
+
+    blobs: BlobStore
+    key: str
+    recorded: asyncio.Future[bool] | None = None
+
+    async def undo(self) -> None:
+        if self.recorded is not None and await recorded_or_not(self.recorded):
+            return
+        await self.blobs.delete(self.key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -748,7 +772,8 @@ async def _repeat_or_closed(
 
 async def _record_update(
     uow: UnitOfWork,
-    blobs: BlobStore,
+    reports: Reports,
+    blob: _UpdateBlob,
     training: ReportedTraining,
     client_id: UUID,
     fields: Mapping[str, Any],
@@ -756,43 +781,41 @@ async def _record_update(
     num_examples: int,
     metrics: dict[str, float | int],
 ) -> UpdateReceipt:
-    """Insert the update's row if the round is still open and the client has none in it; announce it.
+    """Record the update's row with its `UpdateReceived` (in the next group of reports) if the round
+    is still open and the client has none in it.
 
-    An insert that did nothing is a repeat (answered with the first update) or a round that closed
-    since it was read (`RoundClosed`); either way the stored blob is deleted again."""
+    A row left out is a repeat (answered with the first update) or a round that closed since it
+    was read (`RoundClosed`); either way the stored blob is deleted again."""
     session = uow.session
-    training_id, update_id, key = training.id, stored.update_id, stored.key
+    training_id, update_id = training.id, stored.update_id
     round_ = _integer(fields, "round", minimum=None)
-    inserted = await session.scalar(
-        _insert_if_open(session, ClientUpdate),
-        {
-            "id": update_id,
-            "training_id": training_id,
-            "round": round_,
-            "client_id": client_id,
-            "blob_key": key,
-            "digest": stored.digest,
-            "num_examples": num_examples,
-            "metrics": metrics,
-            "received_at": utcnow(),
-        },
+    row = {
+        "id": update_id,
+        "training_id": training_id,
+        "round": round_,
+        "client_id": client_id,
+        "blob_key": stored.key,
+        "digest": stored.digest,
+        "num_examples": num_examples,
+        "metrics": metrics,
+        "received_at": utcnow(),
+    }
+    message = UpdateReceived(
+        training_id=training_id,
+        round=round_,
+        client_id=client_id,
+        update_id=update_id,
+        num_examples=num_examples,
     )
-    if inserted is None:
-        await blobs.delete(key)
+    await uow.end_reads()  # the group needs a connection; this request must not sit on one
+    blob.recorded = reports.updates.submit(row, message)
+    if not await asyncio.shield(blob.recorded):
+        await blob.blobs.delete(blob.key)
         first = await _existing_update(session, training_id, round_, client_id)
         if first is None:
             await _closed_since(session, training_id, round_, RoundPhase.COLLECTING)
         log.info("update.repeat", training_id=str(training_id), round=round_, client_id=str(client_id))
         return UpdateReceipt(update_id=first, round=round_, duplicate=True)
-    uow.emit(
-        UpdateReceived(
-            training_id=training_id,
-            round=round_,
-            client_id=client_id,
-            update_id=update_id,
-            num_examples=num_examples,
-        )
-    )
     log.info(
         "update.received",
         training_id=str(training_id),
@@ -824,7 +847,12 @@ def _canonical_update(doc: TensorDocument, spec: TensorSpec, excluded: ExcludedT
 
 
 async def receive_test_metrics(
-    uow: UnitOfWork, cache: ApiCache, training_id: UUID, client_id: UUID, report: Mapping[str, Any]
+    uow: UnitOfWork,
+    cache: ApiCache,
+    reports: Reports,
+    training_id: UUID,
+    client_id: UUID,
+    report: Mapping[str, Any],
 ) -> Receipt:
     """Record a client's evaluation of the round's model while the round is testing."""
     session = uow.session
@@ -836,27 +864,23 @@ async def receive_test_metrics(
         _require_open(training_id, training.state, training.phase, training.round, round_, RoundPhase.TESTING)
     num_examples = _integer(report, "num_examples", minimum=0)
     metrics = _metrics(report.get("metrics"))
-    inserted = await session.scalar(
-        _insert_if_open(session, TestMetric),
-        {
-            "id": uuid4(),
-            "training_id": training_id,
-            "round": round_,
-            "client_id": client_id,
-            "num_examples": num_examples,
-            "metrics": metrics,
-            "received_at": utcnow(),
-        },
+    row = {
+        "id": uuid4(),
+        "training_id": training_id,
+        "round": round_,
+        "client_id": client_id,
+        "num_examples": num_examples,
+        "metrics": metrics,
+        "received_at": utcnow(),
+    }
+    message = TestMetricsReceived(
+        training_id=training_id, round=round_, client_id=client_id, num_examples=num_examples
     )
-    if inserted is None:
+    await uow.end_reads()  # as for updates: the group needs a connection
+    if not await asyncio.shield(reports.test_metrics.submit(row, message)):
         if not await _existing_test_metric(session, training_id, round_, client_id):
             await _closed_since(session, training_id, round_, RoundPhase.TESTING)
         return Receipt(round=round_, duplicate=True)
-    uow.emit(
-        TestMetricsReceived(
-            training_id=training_id, round=round_, client_id=client_id, num_examples=num_examples
-        )
-    )
     log.info("test_metrics.received", training_id=str(training_id), round=round_, client_id=str(client_id))
     return Receipt(round=round_, duplicate=False)
 
@@ -923,20 +947,25 @@ async def _closed_since(
 
 
 def _insert_if_open(session: AsyncSession, entity: type[ClientUpdate | TestMetric]) -> Insert:
+    """`insert_if_open` for the session's database, returning the new row's id (none when it did nothing)."""
+    return _insert_if_open_returning(session.get_bind().dialect.name, entity)
+
+
+@functools.cache
+def _insert_if_open_returning(dialect: str, entity: type[ClientUpdate | TestMetric]) -> Insert:
+    return insert_if_open(dialect, entity).returning(cast(Table, entity.__table__).c.id)
+
+
+@functools.cache
+def insert_if_open(dialect: str, entity: type[ClientUpdate | TestMetric]) -> Insert:
     """An INSERT of one row of `entity` that happens only while the training is ONGOING in the row's
-    round and in the phase that takes such rows, and only when the client has no row in that round;
-    it returns the new row's id (none when it did nothing).
+    round and in the phase that takes such rows, and only when the client has no row in that round.
 
     One statement for three (a lookup of a repeat, the insert, a recheck of the round): the training
     row is read by the insert itself, FOR SHARE on PostgreSQL, so an orchestrator closing the round
     waits for this commit and then counts this row; on SQLite the insert holds the write lock while
-    it reads. Built once per dialect and entity and run with the row as parameters (a Core
-    statement, not an ORM insert: a per-upload cost)."""
-    return _insert_if_open_on(session.get_bind().dialect.name, entity)
-
-
-@functools.cache
-def _insert_if_open_on(dialect: str, entity: type[ClientUpdate | TestMetric]) -> Insert:
+    it reads. Built once per dialect and entity and run with the rows as parameters (one execution
+    for a whole group of reports, `services.api.reports`)."""
     table = cast(Table, entity.__table__)
     needed = RoundPhase.COLLECTING if entity is ClientUpdate else RoundPhase.TESTING
     given = [c for c in table.c if c.name not in ("blob_deleted_at", "rejected_reason")]
@@ -959,10 +988,14 @@ def _insert_if_open_on(dialect: str, entity: type[ClientUpdate | TestMetric]) ->
         insert = sqlite.insert(table)
     else:
         raise NotImplementedError(f"fedhub does not support the {dialect} database")
-    return (
-        insert.from_select([c.name for c in given], row)
-        .on_conflict_do_nothing(index_elements=keys)
-        .returning(table.c.id)
+    return insert.from_select([c.name for c in given], row).on_conflict_do_nothing(index_elements=keys)
+
+
+def new_reports(uow: UnitOfWorkFactory) -> Reports:
+    """The report groups of an API process (see `services.api.reports`)."""
+    return Reports(
+        updates=ReportGroups(uow, ClientUpdate, insert_if_open),
+        test_metrics=ReportGroups(uow, TestMetric, insert_if_open),
     )
 
 

@@ -52,6 +52,9 @@ def sqlite_engine(url: str, *, busy_timeout_s: float = 30.0, **kwargs: Any) -> A
 
         engine = create_async_engine(url, async_creator=connect, **kwargs)
     else:
+        # One connection holds an in-memory database: no pool to size.
+        for option in ("pool_size", "max_overflow", "pool_timeout"):
+            kwargs.pop(option, None)
         engine = create_async_engine(url, connect_args={"timeout": busy_timeout_s}, **kwargs)
     WriterQueue().install(engine)
 

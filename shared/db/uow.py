@@ -129,6 +129,21 @@ class UnitOfWork:
         """
         self._on_rollback.append(callback)
 
+    async def end_reads(self) -> None:
+        """Commit the (read-only) transaction so far and give its connection back to the pool.
+
+        For a request that next waits on work needing a connection of the same pool (its report's
+        group, `services.api.reports`): holding one while it waits, 300 concurrent uploads held
+        every connection and their groups could get none. Statements after this begin a new
+        transaction in the same session; objects loaded stay usable (no expiry on commit). Refused
+        once anything was written or emitted: those commit only at the boundary.
+        """
+        session = self.session
+        if self._outbox or session.new or session.dirty or session.deleted:
+            raise RuntimeError("end_reads() after a write: writes commit only when the unit of work ends")
+        if session.in_transaction():
+            await session.commit()
+
     def changed_nothing(self) -> None:
         """Declare that this unit of work writes nothing (a message that moved nothing along).
 

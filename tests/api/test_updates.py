@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from services.api import service as api_service
+from services.api.reports import ReportGroups
 from shared import events
 from shared.codec import decode_tensors, encode_tensors, packb, tensor_map
 from shared.db import models as db
@@ -376,21 +377,21 @@ async def test_a_repeat_in_an_open_round_is_caught_by_the_insert(
     body = msgpack_body(model_tensors(), round=1, num_examples=5)
     first = await fedhub.http.post(updates_url(world), content=body, headers=headers)
     files_after_first = blob_files(fedhub.blob_root)
-    real_lookup, real_insert = api_service._existing_update, api_service._insert_if_open
+    real_lookup, real_record = api_service._existing_update, ReportGroups._record
     calls: list[str] = []
 
     async def lookup_noting(*args: Any) -> UUID | None:
         calls.append("lookup")
         return await real_lookup(*args)
 
-    def insert_noting(session: Any, entity: type[Any]) -> Any:
-        calls.append(f"insert {entity.__name__}")
-        return real_insert(session, entity)
+    async def record_noting(self: ReportGroups, group: Any) -> None:
+        calls.append(f"insert of {len(group)}")
+        await real_record(self, group)
 
     monkeypatch.setattr(api_service, "_existing_update", lookup_noting)
-    monkeypatch.setattr(api_service, "_insert_if_open", insert_noting)
+    monkeypatch.setattr(ReportGroups, "_record", record_noting)
     second = await fedhub.http.post(updates_url(world), content=body, headers=headers)
-    assert calls == ["insert ClientUpdate", "lookup"]
+    assert calls == ["insert of 1", "lookup"]
     assert second.status_code == 200, second.text
     assert second.json() == {"update_id": first.json()["update_id"], "round": 1, "duplicate": True}
     assert await fedhub.count(db.ClientUpdate) == 1

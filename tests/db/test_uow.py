@@ -134,3 +134,33 @@ async def test_concurrent_duplicate_claim_fails_on_the_primary_key(pg_runtime):
             select(func.count()).select_from(InboxMessage).where(InboxMessage.message_id == message_id)
         )
     assert rows == 1
+
+
+async def test_end_reads_gives_the_connection_back_and_is_refused_after_a_write(pg_runtime):
+    """`end_reads` ends a read-only transaction (its connection goes back to the pool; later reads
+    begin anew in the same session); after a write or an emit it raises and changes nothing."""
+    pool = pg_runtime.engine.pool
+    async with pg_runtime.uow() as uow:
+        await uow.session.scalar(select(func.count()).select_from(Principal))
+        held = pool.checkedout()
+        await uow.end_reads()
+        assert pool.checkedout() == held - 1
+        assert await uow.session.scalar(select(func.count()).select_from(Principal)) == 0
+
+    async def emit_then_end() -> None:
+        async with pg_runtime.uow() as uow:
+            uow.emit(update_received())
+            await uow.end_reads()
+
+    async def add_then_end() -> None:
+        async with pg_runtime.uow() as uow:
+            uow.session.add(Principal(name="p", role=Role.CLIENT, token_hash=uuid4().hex))
+            await uow.end_reads()
+
+    with pytest.raises(RuntimeError, match="after a write"):
+        await emit_then_end()
+    with pytest.raises(RuntimeError, match="after a write"):
+        await add_then_end()
+    assert await outbox_rows(pg_runtime) == 0
+    async with pg_runtime.uow() as uow:
+        assert await uow.session.scalar(select(func.count()).select_from(Principal)) == 0

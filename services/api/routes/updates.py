@@ -8,7 +8,7 @@ from uuid import UUID
 from fastapi import APIRouter, Body, Request, Response, status
 
 from services.api import service
-from services.api.deps import BlobsDep, CacheDep, CurrentClient, SettingsDep, UowDep
+from services.api.deps import BlobsDep, CacheDep, CurrentClient, ReportsDep, SettingsDep, UowDep
 from services.api.schemas import (
     JSON,
     MSGPACK,
@@ -54,6 +54,7 @@ async def upload_update(
     blobs: BlobsDep,
     settings: SettingsDep,
     cache: CacheDep,
+    reports: ReportsDep,
 ) -> UpdateAccepted:
     """Upload this client's model update for the open round (201), or learn the first one's id (200)."""
     fmt = payload_format(request.headers.get("content-type"))
@@ -62,11 +63,11 @@ async def upload_update(
     if fmt is PayloadFormat.MSGPACK:
         reader = TensorDocumentReader(request_chunks(request, settings.max_upload_bytes))
         receipt = await service.receive_streamed_update(
-            uow, blobs, cache, training, client_id, reader, _content_length(request)
+            uow, blobs, cache, reports, training, client_id, reader, _content_length(request)
         )
     else:
         doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
-        receipt = await service.receive_update(uow, blobs, cache, training, client_id, doc)
+        receipt = await service.receive_update(uow, blobs, cache, reports, training, client_id, doc)
     if receipt.duplicate:
         response.status_code = status.HTTP_200_OK
     return UpdateAccepted(update_id=receipt.update_id, round=receipt.round, duplicate=receipt.duplicate)
@@ -84,9 +85,10 @@ async def report_test_metrics(
     client: CurrentClient,
     uow: UowDep,
     cache: CacheDep,
+    reports: ReportsDep,
 ) -> MetricsAccepted:
     """Report this client's evaluation of the round's model while the round is testing."""
-    receipt = await service.receive_test_metrics(uow, cache, training_id, client.id, report)
+    receipt = await service.receive_test_metrics(uow, cache, reports, training_id, client.id, report)
     if receipt.duplicate:
         response.status_code = status.HTTP_200_OK
     return MetricsAccepted(round=receipt.round, duplicate=receipt.duplicate)
