@@ -405,14 +405,6 @@ async def read_blob(blobs: BlobStore, key: str, what: str) -> bytes:
         raise JobRejected(f"{what}: {exc}") from None
 
 
-async def read_update(blobs: BlobStore, ref: UpdateRef) -> bytes | None:
-    """An update's bytes, or None when its blob is gone (the update is then rejected)."""
-    try:
-        return await blobs.get(ref.blob_key)
-    except (BlobNotFound, ValueError):
-        return None
-
-
 async def open_round(
     job: AggregateRound,
     blobs: BlobStore,
@@ -461,13 +453,14 @@ async def feed(pipeline: RoundPipeline, refs: Sequence[UpdateRef], blobs: BlobSt
     """Offer `refs` to the pipeline in order, in batches of at most `FEED_BYTES` of update bytes.
 
     The first update is read alone; its size (a round's updates are alike) sets how many are read
-    at once after it. A batch's bytes are dropped before the next batch is read.
+    at once after it, in one `BlobStore.get_many` (one query on PostgreSQL); an update whose blob is
+    gone reads as None and is rejected. A batch's bytes are dropped before the next batch is read.
     """
     window, start = 1, 0
     while start < len(refs):
         batch = refs[start : start + window]
         started = time.perf_counter()
-        datas = await asyncio.gather(*(read_update(blobs, ref) for ref in batch))
+        datas = await blobs.get_many([ref.blob_key for ref in batch])
         pipeline.seconds["read"] += time.perf_counter() - started
         await asyncio.to_thread(_offer_all, pipeline, batch, datas)
         largest = max((len(d) for d in datas if d is not None), default=0)

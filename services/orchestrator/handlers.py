@@ -10,7 +10,7 @@ import structlog
 
 from services.orchestrator import machine
 from services.orchestrator.machine import Step
-from services.orchestrator.repository import TrainingRepository
+from services.orchestrator.repository import ROUND_COUNTS, TrainingRepository
 from shared.db.models import Model, Training
 from shared.db.uow import UnitOfWork
 from shared.errors import IllegalTransition, NotFound
@@ -66,7 +66,7 @@ async def on_update_received(event: UpdateReceived, uow: UnitOfWork) -> None:
     leaves no inbox row (`changed_nothing`).
     """
     repo = TrainingRepository(uow.session)
-    received = await repo.count_updates(event.training_id, event.round)
+    received = await _shared_count(uow, "updates", event.training_id, event.round)
     if received < await repo.participants(event.training_id):
         uow.changed_nothing()
         return
@@ -109,7 +109,7 @@ async def on_aggregation_failed(event: AggregationFailed, uow: UnitOfWork) -> No
 async def on_test_metrics_received(event: TestMetricsReceived, uow: UnitOfWork) -> None:
     """Count the round's test reports; with all participants in, move on (else: changed nothing)."""
     repo = TrainingRepository(uow.session)
-    reported = await repo.count_test_reports(event.training_id, event.round)
+    reported = await _shared_count(uow, "test_reports", event.training_id, event.round)
     if reported < await repo.participants(event.training_id):
         uow.changed_nothing()  # as for updates: found without a lock, no inbox row
         return
@@ -120,6 +120,20 @@ async def on_test_metrics_received(event: TestMetricsReceived, uow: UnitOfWork) 
     )
     if not applied:
         uow.changed_nothing()
+
+
+async def _shared_count(uow: UnitOfWork, what: str, training_id: UUID, round_: int) -> int:
+    """The round's count of `what` (updates or test reports), shared with the handlers that need it
+    at the same time (`RoundCounts`), read in a session of its own."""
+
+    async def query() -> int:
+        async with uow.sessions() as session:
+            repo = TrainingRepository(session)
+            if what == "updates":
+                return await repo.count_updates(training_id, round_)
+            return await repo.count_test_reports(training_id, round_)
+
+    return await ROUND_COUNTS.count((what, training_id, round_), query)
 
 
 async def check_deadline(training_id: UUID, uow: UnitOfWork) -> bool:

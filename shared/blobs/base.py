@@ -57,6 +57,19 @@ class BlobStore(ABC):
     async def exists(self, key: str) -> bool:
         """Whether `key` has bytes."""
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The bytes under each key, in order; None for a key with none (or one the store refuses).
+
+        This fallback reads them one by one; stores override it to read them in one go.
+        """
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                out.append(await self.get(key))
+            except (BlobNotFound, ValueError):
+                out.append(None)
+        return out
+
     async def delete_many(self, keys: Sequence[str]) -> None:
         """Remove every key (missing ones are not an error); stores override it to do it in one go."""
         for key in keys:

@@ -77,6 +77,22 @@ _WRITE_ONE = (
 parameters (building it per write was a visible share of a distributed API's CPU)."""
 
 
+_GET_MANY = (
+    select(blob_table.c.key, blob_table.c.size, blob_chunk_table.c.data)
+    .join(blob_chunk_table, blob_chunk_table.c.key == blob_table.c.key)
+    .where(blob_table.c.key.in_(bindparam("keys", expanding=True)), blob_table.c.complete)
+    .order_by(blob_table.c.key, blob_chunk_table.c.index)
+)
+
+
+def _valid_key(key: str) -> bool:
+    try:
+        check_key(key)
+    except ValueError:
+        return False
+    return True
+
+
 class BlobCorrupted(RuntimeError):
     """A stored blob's chunks do not add up to its recorded size."""
 
@@ -225,6 +241,32 @@ class PostgresBlobStore(BlobStore):
         if len(data) != rows[0].size:
             raise BlobCorrupted(f"blob {key} has {len(data)} bytes in its chunks, {rows[0].size} recorded")
         return data
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Every blob in one query (one snapshot), in order; None for a missing or refused key.
+
+        For the aggregator's reads of a round's small updates: 300 blobs were 300 queries, ~0.5 s
+        of a distributed round; the caller bounds the bytes asked for at once."""
+        wanted = [key for key in keys if _valid_key(key)]
+        found: dict[str, list[bytes]] = {}
+        sizes: dict[str, int] = {}
+        if wanted:
+            async with self.engine.connect() as conn:
+                rows = await conn.execute(_GET_MANY, {"keys": sorted(set(wanted))})
+                for key, size, data in rows:
+                    found.setdefault(key, []).append(bytes(data))
+                    sizes[key] = size
+        out: list[bytes | None] = []
+        for key in keys:
+            chunks = found.get(key)
+            if chunks is None:
+                out.append(None)
+                continue
+            data = b"".join(chunks)
+            if len(data) != sizes[key]:
+                raise BlobCorrupted(f"blob {key} has {len(data)} bytes in its chunks, {sizes[key]} recorded")
+            out.append(data)
+        return out
 
     async def open_stream(self, key: str) -> AsyncIterator[bytes]:
         """Yield the chunks in order, one query each, from one snapshot.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,11 +26,19 @@ class GatedBlobStore(LocalBlobStore):
 
     async def get(self, key: str) -> bytes:
         """Read, first waiting at the gate for gated keys."""
-        if key in self.gated:
+        await self._gate([key])
+        return await super().get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Read, first waiting at the gate when any key is gated."""
+        await self._gate(keys)
+        return await super().get_many(keys)
+
+    async def _gate(self, keys: Sequence[str]) -> None:
+        if self.gated.intersection(keys):
             self.entries += 1
             self.entered.set()
             await self.release.wait()
-        return await super().get(key)
 
 
 class KeepAll(Method):

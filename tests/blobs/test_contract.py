@@ -59,6 +59,18 @@ async def test_put_get_exists_delete(store):
     await store.delete(k)  # deleting a missing key is not an error
 
 
+async def test_get_many_reads_every_key_in_order(store):
+    """`get_many`: each key's bytes in the order asked (a repeated key twice, a blob of several
+    chunks whole, an empty one empty), None for a missing key and for a key the store refuses."""
+    small, big, empty, missing = key(), key(), key(), key()
+    await store.put(small, b"small")
+    await store.put(big, pattern(1, 2 * MiB + 123))
+    await store.put(empty, b"")
+    got = await store.get_many([big, missing, small, "../escape", empty, small])
+    assert got == [pattern(1, 2 * MiB + 123), None, b"small", None, b"", b"small"]
+    assert await store.get_many([]) == []
+
+
 async def test_put_of_an_existing_key_keeps_the_first(store):
     """A second put under a key returns False and leaves the first bytes."""
     k = key()
