@@ -4,7 +4,7 @@ Recording each report in a transaction of its own (a session, BEGIN, the insert,
 COMMIT, and on SQLite a turn of the one writer) was most of the API's database work at 1,000
 clients a round. A `ReportGroups` queue takes the rows of the reports that arrive while the
 previous group commits and records them together in one unit of work: one execution of the
-conditional insert for all rows (`service.insert_if_open_many`: only while the round is open, only a
+conditional insert for all rows (`service.insert_if_open`: only while the round is open, only a
 client's first row of the round), one read of which rows went in, one outbox write of their
 messages, one commit. A request waits for its group's commit before it answers, so an answer still
 follows the commit of what it reports. Under light load a group holds one report and costs a task
@@ -44,7 +44,7 @@ MAX_GROUP = 512
 """The most rows one transaction records; more waiting reports go in the next group."""
 
 InsertFor = Callable[[str, type[ClientUpdate | TestMetric]], Insert]
-"""The conditional insert of one row for a dialect and entity (`service.insert_if_open_many`)."""
+"""The conditional insert of one row for a dialect and entity (`service.insert_if_open`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +55,7 @@ class _Pending:
 
 
 class ReportGroups:
-    """Records one kind of report (`entity`) in groups; `record` answers whether a row went in."""
+    """Records one kind of report (`entity`) in groups; `submit` answers whether a row went in."""
 
     def __init__(
         self, uow: UnitOfWorkFactory, entity: type[ClientUpdate | TestMetric], insert_for: InsertFor
@@ -77,11 +77,12 @@ class ReportGroups:
         """
         recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Pending(row, message, recorded))
-        if self._draining is None:
+        if self._draining is None or self._draining.done():
             self._draining = asyncio.create_task(self._drain(), name=f"report-groups-{self._table.name}")
         return recorded
 
     async def _drain(self) -> None:
+        group: list[_Pending] = []
         try:
             while self._waiting:
                 group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
@@ -99,6 +100,12 @@ class ReportGroups:
                             _fail([pending], one)
         finally:
             self._draining = None
+            # Cancelled (the process stopping): the group in hand may or may not have committed,
+            # so its outcome stays unknown (cancelled); those not yet taken certainly did not.
+            for pending in group:
+                pending.recorded.cancel()
+            waiting, self._waiting = self._waiting, []
+            _fail(waiting, RuntimeError("the API stopped before this report was recorded"))
 
     async def _record(self, group: Sequence[_Pending]) -> None:
         table = self._table
@@ -146,8 +153,14 @@ class Reports:
 
 
 async def recorded_or_not(recorded: asyncio.Future[bool]) -> bool:
-    """Whether the row of `recorded` committed, waiting for its group (False if it failed)."""
+    """Whether the row of `recorded` committed, waiting for its group: False when the group failed;
+    True when the outcome was never learnt (its group was cancelled mid-way), so that the caller
+    keeps what the row may point at (an orphan blob is harmless, a row without its blob is not)."""
     try:
         return await asyncio.shield(recorded)
+    except asyncio.CancelledError:
+        if recorded.cancelled():
+            return True
+        raise
     except Exception:
         return False

@@ -5,8 +5,10 @@ blob of a row that committed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 import httpx
@@ -16,6 +18,7 @@ from services.api.main import create_app
 from services.api.reports import GROUP_ROWS, ReportGroups
 from services.api.service import _UpdateBlob, insert_if_open
 from shared.auth import admin_principal_id
+from shared.db import UnitOfWorkFactory
 from shared.db import models as db
 from shared.enums import RoundPhase
 from shared.events import TestMetricsReceived, UpdateReceived, utcnow
@@ -198,3 +201,47 @@ async def test_uploads_beyond_the_pool_do_not_starve_their_groups(tmp_path: Path
             assert await fedhub.count(db.ClientUpdate) == 12
     finally:
         await runtime.close()
+
+
+async def test_a_cancelled_group_leaves_its_outcome_unknown_and_fails_the_reports_behind_it(
+    fedhub: Fedhub, runtime: Runtime
+) -> None:
+    """The process stopping mid-group: the group's futures are cancelled (it may have committed: an
+    upload then keeps its blob), the reports queued behind it fail, and a later report is recorded."""
+    training_id, clients = await _training_collecting(fedhub, 3)
+    await fedhub.set_round(str(training_id), phase=RoundPhase.TESTING)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def gated_uow() -> AsyncIterator[Any]:
+        entered.set()
+        await release.wait()
+        async with runtime.uow() as uow:
+            yield uow
+
+    groups = ReportGroups(cast(UnitOfWorkFactory, gated_uow), db.TestMetric, insert_if_open)
+
+    def message(row: dict[str, Any]) -> TestMetricsReceived:
+        return TestMetricsReceived(
+            training_id=training_id, round=1, client_id=row["client_id"], num_examples=2
+        )
+
+    first_row = _metric_row(training_id, clients[0])
+    first = groups.submit(first_row, message(first_row))
+    await entered.wait()  # the drain took the first row and is recording it
+    behind_row = _metric_row(training_id, clients[1])
+    behind = groups.submit(behind_row, message(behind_row))
+    drain = groups._draining
+    assert drain is not None
+    drain.cancel()
+    await asyncio.gather(drain, return_exceptions=True)
+    assert first.cancelled()
+    assert isinstance(behind.exception(), RuntimeError)
+    blob = _UpdateBlob(runtime.blobs, "update/unknown-outcome", first)
+    await runtime.blobs.put("update/unknown-outcome", b"bytes")
+    await blob.undo()
+    assert await runtime.blobs.exists("update/unknown-outcome")  # kept: the row may be there
+
+    release.set()
+    later_row = _metric_row(training_id, clients[2])
+    assert await groups.submit(later_row, message(later_row)) is True
