@@ -45,6 +45,7 @@ from torch import nn
 
 from fedhub.client import ActorClient, Client
 from fedhub.client.retry import RetryPolicy
+from fedhub.client.transport import shared_tls
 from fedhub.demo import Server
 from fedhub.task import (
     NUM_CLASSES,
@@ -561,7 +562,8 @@ async def _run_training(
         # httpcore matches queued requests to connections in time linear in the pool, per request:
         # one small pool per client keeps the harness from dominating at 100+ clients.
         https = [
-            httpx.AsyncClient(timeout=timeout, event_hooks={"request": [count]}) for _ in range(num_clients)
+            httpx.AsyncClient(timeout=timeout, event_hooks={"request": [count]}, verify=shared_tls())
+            for _ in range(num_clients)
         ]
     actor = ActorClient(server.base_url, server.admin_token, events_url=server.events_url)
     setup_started = time.perf_counter()

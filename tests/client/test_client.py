@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import ssl
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from fedhub.client import Client, ClientError, RetryPolicy, ServerUnreachable
+from fedhub.client.transport import Transport, shared_tls
 from shared.codec import decode_document, encode_tensors, parse_tensor_map
 from shared.tensors import records_to_state_dict, state_dict_to_records
 
@@ -630,3 +632,22 @@ async def test_a_model_that_comes_inline_is_not_downloaded(server: ScriptedServe
     assert_same_state(rec.evaluations[0][0], MODELS[M0])
     assert_same_state(rec.fits[1][0], MODELS[M1])
     assert server.unused() == {}
+
+
+async def test_clients_share_one_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every client the SDK makes verifies with the same TLS context, made once per process (building
+    one loads the CA certificates: ~40 ms each, 40 s for 1,000 simulated clients)."""
+    verify: list[object] = []
+    real = httpx.AsyncClient
+
+    def recording(**kwargs: Any) -> httpx.AsyncClient:
+        verify.append(kwargs.get("verify"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(httpx, "AsyncClient", recording)
+    for transport in (Transport("https://a.example", "t"), Transport("https://b.example", "u")):
+        await transport.aclose()
+    assert len(verify) == 2
+    assert verify[0] is verify[1] is shared_tls()
+    assert isinstance(verify[0], ssl.SSLContext)
+    assert verify[0].verify_mode == ssl.CERT_REQUIRED
