@@ -946,16 +946,6 @@ async def _closed_since(
     raise RoundClosed(f"training {training_id}: the report for round {round_} could not be recorded")
 
 
-def _insert_if_open(session: AsyncSession, entity: type[ClientUpdate | TestMetric]) -> Insert:
-    """`insert_if_open` for the session's database, returning the new row's id (none when it did nothing)."""
-    return _insert_if_open_returning(session.get_bind().dialect.name, entity)
-
-
-@functools.cache
-def _insert_if_open_returning(dialect: str, entity: type[ClientUpdate | TestMetric]) -> Insert:
-    return insert_if_open(dialect, entity).returning(cast(Table, entity.__table__).c.id)
-
-
 @functools.cache
 def insert_if_open(dialect: str, entity: type[ClientUpdate | TestMetric]) -> Insert:
     """An INSERT of one row of `entity` that happens only while the training is ONGOING in the row's

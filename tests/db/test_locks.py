@@ -134,15 +134,17 @@ async def test_an_update_is_inserted_only_while_its_round_collects(pg_runtime):
     """The API's one-statement insert on PostgreSQL: a row while the round collects (none for a
     repeat), none once the training has moved on; and its share lock on the training holds the
     orchestrator's transition back until the upload commits."""
-    from services.api.service import _insert_if_open
+    from services.api.service import insert_if_open
     from shared.db.models import ClientUpdate
+
+    statement = insert_if_open("postgresql", ClientUpdate).returning(ClientUpdate.id)
 
     training_id = await new_training(pg_runtime)
     alice, bob = await _client_of(pg_runtime, training_id), await _client_of(pg_runtime, training_id)
 
     async def insert(row: dict[str, object]) -> UUID | None:
         async with pg_runtime.uow() as uow:
-            return await uow.session.scalar(_insert_if_open(uow.session, ClientUpdate), row)
+            return await uow.session.scalar(statement, row)
 
     assert await insert(_update_row(training_id, alice)) is None  # INITIAL: no open round
     async with pg_runtime.uow() as uow:
@@ -156,7 +158,7 @@ async def test_an_update_is_inserted_only_while_its_round_collects(pg_runtime):
 
     async with pg_runtime.uow() as upload:
         row = _update_row(training_id, bob)
-        assert await upload.session.scalar(_insert_if_open(upload.session, ClientUpdate), row) == row["id"]
+        assert await upload.session.scalar(statement, row) == row["id"]
 
         async def close_round() -> int:
             async with pg_runtime.uow() as uow:
