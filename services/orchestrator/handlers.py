@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from uuid import UUID, uuid4
 
@@ -66,7 +66,7 @@ async def on_update_received(event: UpdateReceived, uow: UnitOfWork) -> None:
     leaves no inbox row (`changed_nothing`).
     """
     repo = TrainingRepository(uow.session)
-    received = await _shared_count(uow, "updates", event.training_id, event.round)
+    received = await _shared_count(uow, TrainingRepository.count_updates, event.training_id, event.round)
     if received < await repo.participants(event.training_id):
         uow.changed_nothing()
         return
@@ -109,7 +109,7 @@ async def on_aggregation_failed(event: AggregationFailed, uow: UnitOfWork) -> No
 async def on_test_metrics_received(event: TestMetricsReceived, uow: UnitOfWork) -> None:
     """Count the round's test reports; with all participants in, move on (else: changed nothing)."""
     repo = TrainingRepository(uow.session)
-    reported = await _shared_count(uow, "test_reports", event.training_id, event.round)
+    reported = await _shared_count(uow, TrainingRepository.count_test_reports, event.training_id, event.round)
     if reported < await repo.participants(event.training_id):
         uow.changed_nothing()  # as for updates: found without a lock, no inbox row
         return
@@ -122,18 +122,18 @@ async def on_test_metrics_received(event: TestMetricsReceived, uow: UnitOfWork) 
         uow.changed_nothing()
 
 
-async def _shared_count(uow: UnitOfWork, what: str, training_id: UUID, round_: int) -> int:
-    """The round's count of `what` (updates or test reports), shared with the handlers that need it
-    at the same time (`RoundCounts`), read in a session of its own."""
+RoundCount = Callable[[TrainingRepository, UUID, int], Awaitable[int]]
+
+
+async def _shared_count(uow: UnitOfWork, count: RoundCount, training_id: UUID, round_: int) -> int:
+    """`count` (`TrainingRepository.count_updates` or `.count_test_reports`) of the round, shared
+    with the handlers that need it at the same time (`RoundCounts`), read in a session of its own."""
 
     async def query() -> int:
         async with uow.sessions() as session:
-            repo = TrainingRepository(session)
-            if what == "updates":
-                return await repo.count_updates(training_id, round_)
-            return await repo.count_test_reports(training_id, round_)
+            return await count(TrainingRepository(session), training_id, round_)
 
-    return await ROUND_COUNTS.count((what, training_id, round_), query)
+    return await ROUND_COUNTS.count((count.__name__, training_id, round_), query)
 
 
 async def check_deadline(training_id: UUID, uow: UnitOfWork) -> bool:
