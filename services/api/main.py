@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api.cache import ApiCache
+from services.api.gate import ConcurrencyGate
 from services.api.routes import ROUTERS
 from services.api.settings import ApiSettings
 from shared.auth import PrincipalCache, ensure_admin
@@ -62,6 +63,7 @@ def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> FastAPI
     app.add_exception_handler(IntegrityError, _integrity_error)
     for router in ROUTERS:
         app.include_router(router)
+    app.add_middleware(ConcurrencyGate, limit=settings.max_concurrent_requests)
     app.add_middleware(RequestMetrics, app_name="api")
     return app
 

@@ -22,6 +22,11 @@ class ApiSettings(CommonSettings):
             "waiting for the next one do not find their connection closed (uvicorn's default is 5 s)"
         ),
     )
+    max_concurrent_requests: int = Field(
+        default=256,
+        ge=1,
+        description="requests worked on at once; more wait their turn (event streams never wait)",
+    )
     create_tables: bool = Field(
         default=False, description="create missing tables at start (SQLite, development); else migrate"
     )
