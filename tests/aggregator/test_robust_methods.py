@@ -615,3 +615,13 @@ def test_wrong_params_type_is_refused() -> None:
     """A method refuses another method's parameters."""
     with pytest.raises(TypeError, match="takes KrumParams"):
         Krum(ctx_for({"x": torch.zeros(1)}), MedianParams())
+
+
+@pytest.mark.parametrize("n", [3, 7, 12])
+def test_distances_are_exactly_symmetric(n: int) -> None:
+    """d(a, b) == d(b, a) bit for bit, so iterated Krum's final exact ties stay ties (lower position wins)."""
+    updates, _ = updates_and_weights(90 + n, n)
+    names = [name for name, t in updates[0].items() if t.dtype.is_floating_point]
+    dist = pairwise_sq_distances(updates, names, torch.device("cpu"))
+    assert torch.equal(dist, dist.T)
+    assert torch.all(dist.diagonal() == 0)

@@ -95,6 +95,11 @@ def pairwise_sq_distances(
         gram = x @ x.T
         sq = gram.diagonal()
         dist.add_(sq[:, None] + sq[None, :] - 2 * gram)
+    # x @ x.T need not come out exactly symmetric (the BLAS kernel's summation order differs per
+    # element), and iterated Krum ends on exact ties (two left: each one's score is the distance to
+    # the other): averaged with its transpose, d(a, b) == d(b, a) bit for bit, so such ties stay
+    # ties and go to the lower position, whatever the BLAS.
+    dist = (dist + dist.T) / 2
     dist.clamp_(min=0).fill_diagonal_(0)
     return dist.cpu()
 
