@@ -6,8 +6,14 @@
   a round downloads the same global model.
 
 Each is a bounded LRU; an entry is only ever a fact that was committed, so the cache needs no
-invalidation and stays right across API replicas. What does change (a training's state, phase and
-round) is always read from the database.
+invalidation and stays right across API replicas.
+
+One entry may be out of date: the last view of a training that a report read (`ReportedTraining`:
+its state, phase, round and model). A report trusts it only while it says the report's round is open
+in the report's phase; the conditional insert that records the report checks that again in the
+database, and a report refused there reads the training afresh to answer. Any other answer (closed,
+another round) is read afresh before it is given. So a round's 1,000 uploads read their training
+once, not 1,000 times.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.blobs import BlobStore
 from shared.db.models import Model, Participant
+from shared.enums import RoundPhase, TrainingState
 from shared.lru import Lru
 from shared.metrics import REGISTRY
 
@@ -45,6 +52,22 @@ class ModelFacts:
     spec: Mapping[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class ReportedTraining:
+    """What a client's report (update or test metrics) needs of its training, read as one row."""
+
+    id: UUID
+    state: TrainingState
+    phase: RoundPhase | None
+    round: int
+    current_model_id: UUID
+    exclude_vars: str | None
+
+    def is_open(self, round_: int, phase: RoundPhase) -> bool:
+        """Whether this view says `round_` takes reports of `phase`."""
+        return self.state == TrainingState.ONGOING and self.phase == phase and self.round == round_
+
+
 class ApiCache:
     """The API process's caches of immutable rows and blobs (see the module doc)."""
 
@@ -58,6 +81,7 @@ class ApiCache:
     ) -> None:
         self._models: Lru[UUID, ModelFacts] = Lru(models)
         self._participants: Lru[UUID, frozenset[UUID]] = Lru(trainings)
+        self._reported: Lru[UUID, ReportedTraining] = Lru(trainings)
         self._blobs: Lru[str, bytes] = Lru(blob_bytes, weigh=len)
         self.largest_blob = largest_blob
 
@@ -71,6 +95,16 @@ class ApiCache:
             self._participants, "participants", training_id, lambda: _load_participants(session, training_id)
         )
         return found or frozenset()
+
+    def reported_training(self, training_id: UUID) -> ReportedTraining | None:
+        """The last view of the training a report read; possibly out of date (see the module doc)."""
+        view = self._reported.get(training_id)
+        CACHE_LOOKUPS.inc(cache="reported_training", result="miss" if view is None else "hit")
+        return view
+
+    def keep_reported_training(self, view: ReportedTraining) -> None:
+        """Remember a view just read from the database."""
+        self._reported.put(view.id, view)
 
     async def model_blob(self, blobs: BlobStore, key: str) -> bytes:
         """A model blob's bytes; content-addressed ones up to `largest_blob` bytes are kept."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,7 @@ from uuid import UUID
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
 from services.api import service as api_service
@@ -291,26 +293,47 @@ async def test_upload_outside_collecting_is_round_closed(
     assert blob_files(fedhub.blob_root) == files_before
 
 
+@pytest.mark.parametrize("sent", ["whole", "chunked"])
 async def test_round_closing_during_the_upload_leaves_nothing(
-    world: World, monkeypatch: pytest.MonkeyPatch
+    world: World, monkeypatch: pytest.MonkeyPatch, sent: str
 ) -> None:
-    """The round closes while the blob is written: 409, and the blob, row and event are all undone."""
-    fedhub = world.fedhub
-    real_put = fedhub.runtime.blobs.put_stream
+    """The round closes while the blob is written: 409, and the blob, row and event are all undone.
 
-    async def put_then_close_round(key: str, data: AsyncIterator[bytes]) -> bool:
-        created = await real_put(key, data)
+    Both ways in: a small body with its length is read whole (`BlobStore.put`), a chunked one
+    streams (`BlobStore.put_stream`)."""
+    fedhub = world.fedhub
+    real_put, real_put_stream = fedhub.runtime.blobs.put, fedhub.runtime.blobs.put_stream
+    writes: list[str] = []
+
+    async def close_round(how: str) -> None:
+        writes.append(how)
         # The orchestrator's deadline fires right now.
         await fedhub.set_round(world.training_id, phase=RoundPhase.AGGREGATING)
+
+    async def put_then_close_round(key: str, data: bytes) -> bool:
+        created = await real_put(key, data)
+        await close_round("put")
         return created
 
-    monkeypatch.setattr(fedhub.runtime.blobs, "put_stream", put_then_close_round)
+    async def put_stream_then_close_round(key: str, data: AsyncIterator[bytes]) -> bool:
+        created = await real_put_stream(key, data)
+        await close_round("put_stream")
+        return created
+
+    monkeypatch.setattr(fedhub.runtime.blobs, "put", put_then_close_round)
+    monkeypatch.setattr(fedhub.runtime.blobs, "put_stream", put_stream_then_close_round)
     files_before = blob_files(fedhub.blob_root)
+    body = msgpack_body(model_tensors(), round=1, num_examples=1)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
     resp = await fedhub.http.post(
         updates_url(world),
-        content=msgpack_body(model_tensors(), round=1, num_examples=1),
+        content=body if sent == "whole" else chunks(),
         headers={**world.alice.headers, "Content-Type": MSGPACK},
     )
+    assert writes == (["put"] if sent == "whole" else ["put_stream"])
     assert resp.status_code == 409
     assert resp.json()["error"] == "RoundClosed"
     assert "AGGREGATING" in resp.json()["detail"]
@@ -431,6 +454,79 @@ async def test_request_unit_of_work_undoes_on_rollback_only(world: World) -> Non
     with pytest.raises(IntegrityError):
         await failing_commit()
     assert undone == [True, True]
+
+
+# --- the training's remembered view -------------------------------------------------------------
+
+
+class TrainingReads:
+    """Counts the selects that read a training's row (not the conditional inserts' `INSERT ... SELECT`)."""
+
+    def __init__(self, world: World) -> None:
+        self.count = 0
+        event.listen(world.fedhub.runtime.engine.sync_engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, _conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and re.search(r"\bFROM training\b", statement):
+            self.count += 1
+
+
+async def test_reports_of_an_open_round_read_their_training_once(world: World) -> None:
+    """The first report reads the training; later reports of the open round use that view (the
+    conditional insert checks the round again), updates read whole and test metrics alike."""
+    fedhub = world.fedhub
+    reads = TrainingReads(world)
+    for who in (world.alice, world.bob):
+        resp = await fedhub.http.post(
+            updates_url(world),
+            content=msgpack_body(model_tensors(), round=1, num_examples=2),
+            headers={**who.headers, "Content-Type": MSGPACK},
+        )
+        assert resp.status_code == 201, resp.text
+    assert reads.count == 1
+    await fedhub.set_round(world.training_id, phase=RoundPhase.TESTING)
+    reads.count = 0  # set_round read the row too
+    for who in (world.alice, world.bob):
+        resp = await fedhub.http.post(
+            metrics_url(world), json={"round": 1, "num_examples": 2, "metrics": {}}, headers=who.headers
+        )
+        assert resp.status_code == 201, resp.text
+    assert reads.count == 1  # the view said COLLECTING: read afresh once, then trusted
+    assert await fedhub.count(db.ClientUpdate) == 2
+    assert await fedhub.count(db.TestMetric) == 2
+
+
+async def test_an_outdated_view_neither_refuses_nor_admits(world: World) -> None:
+    """The remembered view says round 1 collects. The orchestrator moves on behind it: an update for
+    round 2 is accepted (the view is read afresh, not trusted to refuse), and a late one for round 1
+    is refused by the conditional insert, leaving no blob, row or event."""
+    fedhub = world.fedhub
+    headers = {**world.alice.headers, "Content-Type": MSGPACK}
+    first = await fedhub.http.post(
+        updates_url(world), content=msgpack_body(model_tensors(), round=1, num_examples=2), headers=headers
+    )
+    assert first.status_code == 201, first.text
+
+    await fedhub.set_round(world.training_id, round=2)
+    second = await fedhub.http.post(
+        updates_url(world), content=msgpack_body(model_tensors(), round=2, num_examples=2), headers=headers
+    )
+    assert second.status_code == 201, second.text
+    assert second.json()["round"] == 2
+
+    await fedhub.set_round(world.training_id, round=2, phase=RoundPhase.AGGREGATING)
+    files = blob_files(fedhub.blob_root)
+    late = await fedhub.http.post(
+        updates_url(world),
+        content=msgpack_body(model_tensors(), round=2, num_examples=2),
+        headers={**world.bob.headers, "Content-Type": MSGPACK},
+    )
+    assert late.status_code == 409, late.text
+    assert late.json()["error"] == "RoundClosed"
+    assert "AGGREGATING" in late.json()["detail"]
+    assert blob_files(fedhub.blob_root) == files
+    assert await fedhub.count(db.ClientUpdate) == 2
+    assert len(await fedhub.published(UpdateReceived)) == 2
 
 
 # --- test metrics -------------------------------------------------------------------------------

@@ -59,11 +59,15 @@ async def upload_update(
     """Upload this client's model update for the open round (201), or learn the first one's id (200)."""
     fmt = payload_format(request.headers.get("content-type"))
     client_id = client.id
-    training = await service.participant_training(uow.session, cache, training_id, client_id)
-    if fmt is PayloadFormat.MSGPACK:
+    body_size = _content_length(request)
+    streamed = fmt is PayloadFormat.MSGPACK and (body_size is None or body_size > service.WHOLE_UPLOAD_BYTES)
+    # A body read whole names its round before anything is checked against the training, so the
+    # training's last view may answer (`open_or_fresh`); a streamed one is checked as it arrives.
+    training = await service.participant_training(uow.session, cache, training_id, client_id, fresh=streamed)
+    if streamed:
         reader = TensorDocumentReader(request_chunks(request, settings.max_upload_bytes))
         receipt = await service.receive_streamed_update(
-            uow, blobs, cache, reports, training, client_id, reader, _content_length(request)
+            uow, blobs, cache, reports, training, client_id, reader, body_size
         )
     else:
         doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
