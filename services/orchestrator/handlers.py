@@ -9,10 +9,11 @@ from uuid import UUID, uuid4
 import structlog
 
 from services.orchestrator import machine
-from services.orchestrator.machine import Step
-from services.orchestrator.repository import ROUND_COUNTS, TrainingRepository
+from services.orchestrator.machine import Step, TrainingView
+from services.orchestrator.repository import LEFT_ROUNDS, ROUND_COUNTS, TrainingRepository
 from shared.db.models import Model, Training
 from shared.db.uow import UnitOfWork
+from shared.enums import RoundPhase
 from shared.errors import IllegalTransition, NotFound
 from shared.events import (
     AggregateRound,
@@ -70,13 +71,14 @@ async def on_update_received(event: UpdateReceived, uow: UnitOfWork) -> None:
     if received < await repo.participants(event.training_id):
         uow.changed_nothing()
         return
-    training, view = await repo.load(event.training_id)
-    now = utcnow()
-    applied = await _attempt(
-        uow, repo, training, lambda: machine.update_received(view, event.round, received), now
+    await _round_complete(
+        uow,
+        repo,
+        event.training_id,
+        event.round,
+        RoundPhase.COLLECTING,
+        lambda view, _: machine.update_received(view, event.round, received),
     )
-    if not applied:
-        uow.changed_nothing()
 
 
 async def on_model_aggregated(event: ModelAggregated, uow: UnitOfWork) -> None:
@@ -113,12 +115,38 @@ async def on_test_metrics_received(event: TestMetricsReceived, uow: UnitOfWork) 
     if reported < await repo.participants(event.training_id):
         uow.changed_nothing()  # as for updates: found without a lock, no inbox row
         return
-    training, view = await repo.load(event.training_id)
-    now = utcnow()
-    applied = await _attempt(
-        uow, repo, training, lambda: machine.test_reported(view, event.round, reported, now), now
+    await _round_complete(
+        uow,
+        repo,
+        event.training_id,
+        event.round,
+        RoundPhase.TESTING,
+        lambda view, now: machine.test_reported(view, event.round, reported, now),
     )
-    if not applied:
+
+
+async def _round_complete(
+    uow: UnitOfWork,
+    repo: TrainingRepository,
+    training_id: UUID,
+    round_: int,
+    phase: RoundPhase,
+    transition: Callable[[TrainingView, datetime], Step | None],
+) -> None:
+    """Every participant has reported for `phase` of the round: move the training on, unless it
+    has left that phase already (known to this process, or found in the row), which changes nothing."""
+    if LEFT_ROUNDS.has_left(training_id, round_, phase):
+        uow.changed_nothing()
+        return
+    training, view = await repo.load(training_id)
+    if machine.has_left(view, round_, phase):
+        LEFT_ROUNDS.left(training_id, round_, phase)
+        uow.changed_nothing()
+        return
+    now = utcnow()
+    if await _attempt(uow, repo, training, lambda: transition(view, now), now):
+        uow.after_commit(lambda: LEFT_ROUNDS.left(training_id, round_, phase))
+    else:
         uow.changed_nothing()
 
 

@@ -97,6 +97,20 @@ def _from(view: TrainingView, **changes: Any) -> Step:
     return replace(base, **changes)
 
 
+_PHASE_ORDER = {RoundPhase.COLLECTING: 0, RoundPhase.AGGREGATING: 1, RoundPhase.TESTING: 2}
+
+
+def has_left(view: TrainingView, round_: int, phase: RoundPhase) -> bool:
+    """Whether the training is past `phase` of `round_` for good (a later phase or round, or an end).
+
+    Rounds and the phases within one only move forward, so once true it stays true."""
+    if view.state in (TrainingState.COMPLETED, TrainingState.FAILED, TrainingState.CANCELLED):
+        return True
+    if view.state is not TrainingState.ONGOING or view.phase is None:
+        return False
+    return (view.round, _PHASE_ORDER[view.phase]) > (round_, _PHASE_ORDER[phase])
+
+
 def _require(view: TrainingView, action: str, state: TrainingState, phase: RoundPhase | None = None) -> None:
     if view.state is not state or (phase is not None and view.phase is not phase):
         where = view.state.value + (f"/{view.phase.value}" if view.phase else "")

@@ -9,9 +9,10 @@ from uuid import UUID, uuid4
 import pytest
 from sqlalchemy import select, update
 
+from services.orchestrator import handlers
 from services.orchestrator.handlers import HANDLERS, check_deadline
-from services.orchestrator.machine import start
-from services.orchestrator.repository import ConcurrentTransition, TrainingRepository
+from services.orchestrator.machine import TrainingView, start
+from services.orchestrator.repository import ConcurrentTransition, LeftRounds, TrainingRepository
 from shared.bus.base import envelope_for
 from shared.codec import decode_message
 from shared.db.models import (
@@ -237,6 +238,42 @@ async def test_updates_before_the_last_leave_no_inbox_row_and_a_redelivered_last
     await consumer.handle(last)
     assert await _inbox(runtime) == {start_message.message_id, last.message_id}
     assert [type(m) for m in await _outbox(runtime)] == [AggregateRound]
+
+
+async def test_a_round_known_to_have_moved_on_is_not_loaded_again(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the round's transition committed, a report whose count is complete changes nothing
+    without loading the training; a process that did not see it (empty memory) loads it once, finds
+    the round moved on, and remembers."""
+    consumer = Consumer("orchestrator", HANDLERS, runtime.uow)
+    training_id, clients = await _training(runtime, clients=2)
+    await consumer.handle(envelope_for(StartTraining(training_id=training_id, requested_by=uuid4())))
+    await _outbox(runtime)
+    updates = [envelope_for(await _add_update(runtime, training_id, c, 1)) for c in clients]
+    loads: list[UUID] = []
+    real_load = TrainingRepository.load
+
+    async def counted_load(self: TrainingRepository, tid: UUID) -> tuple[Training, TrainingView]:
+        loads.append(tid)
+        return await real_load(self, tid)
+
+    monkeypatch.setattr(TrainingRepository, "load", counted_load)
+    for message in updates:
+        await consumer.handle(message)
+    assert len(loads) == 1  # the last update's transition
+    assert [type(m) for m in await _outbox(runtime)] == [AggregateRound]
+    inbox = await _inbox(runtime)
+
+    await consumer.handle(updates[0])  # redelivered: its count is complete now
+    assert len(loads) == 1
+    monkeypatch.setattr(handlers, "LEFT_ROUNDS", LeftRounds())  # another orchestrator process
+    await consumer.handle(updates[0])
+    await consumer.handle(updates[0])
+    assert len(loads) == 2
+    assert await _outbox(runtime) == []
+    assert await _inbox(runtime) == inbox
+    assert (await _state(runtime, training_id)).phase is RoundPhase.AGGREGATING
 
 
 async def _inbox(rt: Runtime) -> set[UUID]:

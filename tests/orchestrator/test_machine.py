@@ -265,3 +265,25 @@ def test_nothing_moves_a_cancelled_training() -> None:
         machine.deadline_passed(cancelled, 3, late)
     with pytest.raises(IllegalTransition, match="CANCELLED"):
         machine.aggregation_failed(cancelled, 1, "x")
+
+
+@pytest.mark.parametrize(
+    ("training", "round_", "phase", "left"),
+    [
+        (collecting(2), 2, RoundPhase.COLLECTING, False),
+        (collecting(2, phase=RoundPhase.AGGREGATING), 2, RoundPhase.COLLECTING, True),
+        (collecting(2, phase=RoundPhase.TESTING), 2, RoundPhase.COLLECTING, True),
+        (collecting(2, phase=RoundPhase.TESTING), 2, RoundPhase.TESTING, False),
+        (collecting(2), 2, RoundPhase.TESTING, False),
+        (collecting(3), 2, RoundPhase.TESTING, True),
+        (collecting(1, phase=RoundPhase.TESTING), 2, RoundPhase.COLLECTING, False),
+        (view(), 1, RoundPhase.COLLECTING, False),
+        (collecting(1, state=TrainingState.COMPLETED), 2, RoundPhase.TESTING, True),
+        (collecting(1, state=TrainingState.CANCELLED), 1, RoundPhase.COLLECTING, True),
+    ],
+)
+def test_has_left_only_for_later_phases_rounds_and_ends(
+    training: TrainingView, round_: int, phase: RoundPhase, left: bool
+) -> None:
+    """A round's phase is left for good once a later phase or round is reached or the training ended."""
+    assert machine.has_left(training, round_, phase) is left
