@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.blobs import BlobStore
+from shared.coalesce import NextReads
 from shared.db.models import Model, Participant
 from shared.enums import RoundPhase, TrainingState
 from shared.lru import Lru
@@ -82,6 +83,7 @@ class ApiCache:
         self._models: Lru[UUID, ModelFacts] = Lru(models)
         self._participants: Lru[UUID, frozenset[UUID]] = Lru(trainings)
         self._reported: Lru[UUID, ReportedTraining] = Lru(trainings)
+        self._reported_reads: NextReads[ReportedTraining | None] = NextReads()
         self._blobs: Lru[str, bytes] = Lru(blob_bytes, weigh=len)
         self.largest_blob = largest_blob
 
@@ -102,9 +104,17 @@ class ApiCache:
         CACHE_LOOKUPS.inc(cache="reported_training", result="miss" if view is None else "hit")
         return view
 
-    def keep_reported_training(self, view: ReportedTraining) -> None:
-        """Remember a view just read from the database."""
-        self._reported.put(view.id, view)
+    async def read_reported_training(
+        self, training_id: UUID, load: Callable[[], Awaitable[ReportedTraining | None]]
+    ) -> ReportedTraining | None:
+        """The training read afresh by `load` (in a session of its own): a read that started after
+        this call, shared with the callers asking at the same time (`NextReads`: when a round opens,
+        the uploads arriving together read it twice, not once each), and remembered."""
+        view = await self._reported_reads.read(training_id, load)
+        CACHE_LOOKUPS.inc(cache="reported_training", result="read")
+        if view is not None:
+            self._reported.put(training_id, view)
+        return view
 
     async def model_blob(self, blobs: BlobStore, key: str) -> bytes:
         """A model blob's bytes; content-addressed ones up to `largest_blob` bytes are kept."""

@@ -595,7 +595,7 @@ _REPORTED = select(*(_TRAINING.c[f.name] for f in dataclasses.fields(ReportedTra
 
 
 async def participant_training(
-    session: AsyncSession, cache: ApiCache, training_id: UUID, client_id: UUID, *, fresh: bool = True
+    uow: UnitOfWork, cache: ApiCache, training_id: UUID, client_id: UUID, *, fresh: bool = True
 ) -> ReportedTraining:
     """The training a client reports to: it must exist and the client must take part in it.
 
@@ -604,28 +604,35 @@ async def participant_training(
     the caller then goes through `open_or_fresh` before it trusts what the view says of the round."""
     training = None if fresh else cache.reported_training(training_id)
     if training is None:
-        training = await _read_reported(session, cache, training_id)
-    if client_id not in await cache.participants(session, training_id):
+        training = await _read_reported(uow, cache, training_id)
+    if client_id not in await cache.participants(uow.session, training_id):
         raise NotAParticipant(f"client {client_id} is not a participant of training {training_id}")
     return training
 
 
 async def open_or_fresh(
-    session: AsyncSession, cache: ApiCache, training: ReportedTraining, round_: int, phase: RoundPhase
+    uow: UnitOfWork, cache: ApiCache, training: ReportedTraining, round_: int, phase: RoundPhase
 ) -> ReportedTraining:
     """`training` when it says `round_` is open in `phase` (the conditional insert checks that again),
     otherwise the training as committed now: a remembered view never refuses a report."""
     if training.is_open(round_, phase):
         return training
-    return await _read_reported(session, cache, training.id)
+    return await _read_reported(uow, cache, training.id)
 
 
-async def _read_reported(session: AsyncSession, cache: ApiCache, training_id: UUID) -> ReportedTraining:
-    row = (await session.execute(_REPORTED, {"training_id": training_id})).one_or_none()
-    if row is None:
+async def _read_reported(uow: UnitOfWork, cache: ApiCache, training_id: UUID) -> ReportedTraining:
+    """The training as committed now, read in a session of its own (shared with the requests that
+    ask at the same time: `ApiCache.read_reported_training`)."""
+
+    async def load() -> ReportedTraining | None:
+        async with uow.sessions() as session:
+            row = (await session.execute(_REPORTED, {"training_id": training_id})).one_or_none()
+        return None if row is None else ReportedTraining(*row)
+
+    await uow.end_reads()  # the shared read needs a connection: this request must not sit on one
+    training = await cache.read_reported_training(training_id, load)
+    if training is None:
         raise NotFound(f"training {training_id} does not exist")
-    training = ReportedTraining(*row)
-    cache.keep_reported_training(training)
     return training
 
 
@@ -641,7 +648,7 @@ async def receive_update(
     """Accept a client's update for the open round, all or nothing; a repeat answers the first one."""
     session = uow.session
     round_ = _integer(doc.fields, "round", minimum=None)
-    training = await open_or_fresh(session, cache, training, round_, RoundPhase.COLLECTING)
+    training = await open_or_fresh(uow, cache, training, round_, RoundPhase.COLLECTING)
     repeat = await _repeat_or_closed(session, training, client_id, doc.fields)
     if repeat is not None:
         return repeat
@@ -874,9 +881,9 @@ async def receive_test_metrics(
 ) -> Receipt:
     """Record a client's evaluation of the round's model while the round is testing."""
     session = uow.session
-    training = await participant_training(session, cache, training_id, client_id, fresh=False)
+    training = await participant_training(uow, cache, training_id, client_id, fresh=False)
     round_ = _integer(report, "round", minimum=None)
-    training = await open_or_fresh(session, cache, training, round_, RoundPhase.TESTING)
+    training = await open_or_fresh(uow, cache, training, round_, RoundPhase.TESTING)
     if not _is_open(training.state, training.phase, training.round, round_, RoundPhase.TESTING):
         if await _existing_test_metric(session, training_id, round_, client_id):
             return Receipt(round=round_, duplicate=True)

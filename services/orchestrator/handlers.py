@@ -155,13 +155,13 @@ RoundCount = Callable[[TrainingRepository, UUID, int], Awaitable[int]]
 
 async def _shared_count(uow: UnitOfWork, count: RoundCount, training_id: UUID, round_: int) -> int:
     """`count` (`TrainingRepository.count_updates` or `.count_test_reports`) of the round, shared
-    with the handlers that need it at the same time (`RoundCounts`), read in a session of its own."""
+    with the handlers that need it at the same time (`ROUND_COUNTS`), read in a session of its own."""
 
     async def query() -> int:
         async with uow.sessions() as session:
             return await count(TrainingRepository(session), training_id, round_)
 
-    return await ROUND_COUNTS.count((count.__name__, training_id, round_), query)
+    return await ROUND_COUNTS.read((count.__name__, training_id, round_), query)
 
 
 async def check_deadline(training_id: UUID, uow: UnitOfWork) -> bool:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 from uuid import UUID
@@ -13,6 +11,7 @@ from sqlalchemy import Select, Table, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.orchestrator.machine import Step, TrainingView
+from shared.coalesce import NextReads
 from shared.db.models import ClientUpdate, Participant, TestMetric, Training, TrainingRound
 from shared.enums import RoundPhase
 from shared.errors import Conflict, NotFound
@@ -34,44 +33,10 @@ _COUNT_TEST_REPORTS = _count_of(TestMetric)
 1,000 clients, building the statement each time was a visible share of its CPU)."""
 
 
-class RoundCounts:
-    """A round's count of reports, shared by the handlers that need it at the same time.
-
-    A handler needs a count that includes its own report. Its message was published after the
-    report's row committed, so any count *started* after the message arrived includes it: the
-    handler joins the count that starts next (never one already running), which starts as soon as
-    the running one ends. Messages that arrive together (a group of uploads, a prefetch window)
-    cost two counts instead of one each, and their handlers open no transaction of their own.
-    Counts run in sessions of their own (`uow.sessions`), outside any handler's transaction.
-    """
-
-    def __init__(self) -> None:
-        self._running: dict[tuple[object, ...], asyncio.Task[int]] = {}
-        self._next: dict[tuple[object, ...], asyncio.Task[int]] = {}
-
-    async def count(self, key: tuple[object, ...], query: Callable[[], Awaitable[int]]) -> int:
-        """The result of a `query` for `key` that starts after this call."""
-        task = self._next.get(key)
-        if task is None:
-            task = self._next[key] = asyncio.create_task(self._after_running(key, query))
-        return await asyncio.shield(task)
-
-    async def _after_running(self, key: tuple[object, ...], query: Callable[[], Awaitable[int]]) -> int:
-        running = self._running.get(key)
-        if running is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(running)
-        me = self._next.pop(key)
-        self._running[key] = me
-        try:
-            return await query()
-        finally:
-            if self._running.get(key) is me:
-                del self._running[key]
-
-
-ROUND_COUNTS = RoundCounts()
-"""The orchestrator process's shared counts (updates and test reports per training and round)."""
+ROUND_COUNTS: NextReads[int] = NextReads()
+"""The orchestrator process's shared counts of a round's reports (updates, test reports): handlers of
+reports that arrive together (a group of uploads, a prefetch window) share two counts instead of
+running one each, and open no transaction of their own."""
 
 
 class LeftRounds:

@@ -28,6 +28,8 @@ from tests.api.helpers import (
     BF16_INF,
     BF16_NAN,
     MSGPACK,
+    Fedhub,
+    Principal,
     blob_files,
     json_body,
     json_tensors,
@@ -462,9 +464,9 @@ async def test_request_unit_of_work_undoes_on_rollback_only(world: World) -> Non
 class TrainingReads:
     """Counts the selects that read a training's row (not the conditional inserts' `INSERT ... SELECT`)."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, fedhub: Fedhub) -> None:
         self.count = 0
-        event.listen(world.fedhub.runtime.engine.sync_engine, "before_cursor_execute", self._seen)
+        event.listen(fedhub.runtime.engine.sync_engine, "before_cursor_execute", self._seen)
 
     def _seen(self, _conn: object, _cursor: object, statement: str, *_: object) -> None:
         if statement.lstrip().upper().startswith("SELECT") and re.search(r"\bFROM training\b", statement):
@@ -475,7 +477,7 @@ async def test_reports_of_an_open_round_read_their_training_once(world: World) -
     """The first report reads the training; later reports of the open round use that view (the
     conditional insert checks the round again), updates read whole and test metrics alike."""
     fedhub = world.fedhub
-    reads = TrainingReads(world)
+    reads = TrainingReads(world.fedhub)
     for who in (world.alice, world.bob):
         resp = await fedhub.http.post(
             updates_url(world),
@@ -494,6 +496,31 @@ async def test_reports_of_an_open_round_read_their_training_once(world: World) -
     assert reads.count == 1  # the view said COLLECTING: read afresh once, then trusted
     assert await fedhub.count(db.ClientUpdate) == 2
     assert await fedhub.count(db.TestMetric) == 2
+
+
+async def test_uploads_arriving_together_share_the_fresh_read(fedhub: Fedhub) -> None:
+    """The remembered view is of round 1 when round 2 opens: the round's uploads arriving together
+    read the training afresh once or twice between them (each joins a read that started after it
+    asked), not once each, and all are accepted."""
+    clients = [await fedhub.principal(name=f"site-{i}") for i in range(8)]
+    model = await fedhub.upload_model(model_tensors(), name="tiny")
+    training = await fedhub.create_training(str(model["id"]), [c.id for c in clients])
+    await fedhub.set_round(training["id"])
+    url = f"/v1/trainings/{training['id']}/updates"
+
+    async def upload(client: Principal, round_: int) -> int:
+        resp = await fedhub.http.post(
+            url,
+            content=msgpack_body(model_tensors(), round=round_, num_examples=1),
+            headers={**client.headers, "Content-Type": MSGPACK},
+        )
+        return resp.status_code
+
+    assert await upload(clients[0], 1) == 201
+    await fedhub.set_round(training["id"], round=2)
+    reads = TrainingReads(fedhub)
+    assert await asyncio.gather(*(upload(c, 2) for c in clients)) == [201] * 8
+    assert 1 <= reads.count <= 2
 
 
 async def test_an_outdated_view_neither_refuses_nor_admits(world: World) -> None:

@@ -63,7 +63,7 @@ async def upload_update(
     streamed = fmt is PayloadFormat.MSGPACK and (body_size is None or body_size > service.WHOLE_UPLOAD_BYTES)
     # A body read whole names its round before anything is checked against the training, so the
     # training's last view may answer (`open_or_fresh`); a streamed one is checked as it arrives.
-    training = await service.participant_training(uow.session, cache, training_id, client_id, fresh=streamed)
+    training = await service.participant_training(uow, cache, training_id, client_id, fresh=streamed)
     if streamed:
         reader = TensorDocumentReader(request_chunks(request, settings.max_upload_bytes))
         receipt = await service.receive_streamed_update(

@@ -1,11 +1,11 @@
-"""`RoundCounts`: handlers needing a round's count at the same time share one, and a handler never
-takes a count that started before it asked (it could miss the handler's own report)."""
+"""`NextReads`: callers needing a read at the same time share one, and a caller never takes a read
+that started before it asked (a handler's count could miss its own report)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from services.orchestrator.repository import RoundCounts
+from shared.coalesce import NextReads
 
 
 class Rows:
@@ -24,9 +24,9 @@ class Rows:
 
 
 async def test_callers_together_share_one_count() -> None:
-    counts, table = RoundCounts(), Rows()
+    counts, table = NextReads[int](), Rows()
     table.rows = 5
-    waiting = [asyncio.create_task(counts.count(("updates", 1), table.count)) for _ in range(20)]
+    waiting = [asyncio.create_task(counts.read(("updates", 1), table.count)) for _ in range(20)]
     await asyncio.sleep(0)
     table.release.set()
     assert await asyncio.gather(*waiting) == [5] * 20
@@ -34,13 +34,13 @@ async def test_callers_together_share_one_count() -> None:
 
 
 async def test_a_caller_arriving_during_a_count_gets_the_next_one_which_sees_its_row() -> None:
-    counts, table = RoundCounts(), Rows()
+    counts, table = NextReads[int](), Rows()
     table.rows = 1
-    first = asyncio.create_task(counts.count(("updates", 1), table.count))
+    first = asyncio.create_task(counts.read(("updates", 1), table.count))
     await asyncio.sleep(0.01)
     assert table.queries == 1  # running, and it saw one row
     table.rows = 3  # two more reports committed; their handlers ask now
-    late = [asyncio.create_task(counts.count(("updates", 1), table.count)) for _ in range(2)]
+    late = [asyncio.create_task(counts.read(("updates", 1), table.count)) for _ in range(2)]
     await asyncio.sleep(0.01)
     assert table.queries == 1  # the next count waits for the running one
     table.release.set()
@@ -50,27 +50,27 @@ async def test_a_caller_arriving_during_a_count_gets_the_next_one_which_sees_its
 
 
 async def test_counts_of_other_rounds_do_not_wait_for_each_other() -> None:
-    counts, table = RoundCounts(), Rows()
+    counts, table = NextReads[int](), Rows()
     table.release.set()
     table.rows = 2
     assert await asyncio.gather(
-        counts.count(("updates", 1), table.count), counts.count(("updates", 2), table.count)
+        counts.read(("updates", 1), table.count), counts.read(("updates", 2), table.count)
     ) == [2, 2]
     assert table.queries == 2
 
 
 async def test_a_failed_count_fails_its_callers_and_the_next_count_runs() -> None:
-    counts = RoundCounts()
+    counts = NextReads[int]()
 
     async def broken() -> int:
         raise RuntimeError("database gone")
 
     results = await asyncio.gather(
-        *(counts.count(("updates", 1), broken) for _ in range(3)), return_exceptions=True
+        *(counts.read(("updates", 1), broken) for _ in range(3)), return_exceptions=True
     )
     assert all(isinstance(r, RuntimeError) for r in results)
 
     async def seven() -> int:
         return 7
 
-    assert await counts.count(("updates", 1), seven) == 7
+    assert await counts.read(("updates", 1), seven) == 7
