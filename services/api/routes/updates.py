@@ -8,7 +8,7 @@ from uuid import UUID
 from fastapi import APIRouter, Body, Request, Response, status
 
 from services.api import service
-from services.api.deps import BlobsDep, CacheDep, CurrentClient, ReportsDep, SettingsDep, UowDep
+from services.api.deps import client_call
 from services.api.schemas import (
     JSON,
     MSGPACK,
@@ -39,63 +39,75 @@ _UPDATE_BODY = {
 }
 
 
+# The two routes take a round's every report, so they skip FastAPI's per-request dependency solving
+# (`deps.client_call`) and response validation (they build their answer); the bearer scheme is named
+# for the OpenAPI document by hand.
+_BEARER: dict[str, Any] = {"security": [{"HTTPBearer": []}]}
+
+
 @router.post(
     "/updates",
     status_code=status.HTTP_201_CREATED,
-    openapi_extra=_UPDATE_BODY,
+    openapi_extra={**_UPDATE_BODY, **_BEARER},
+    response_model=UpdateAccepted,
     responses={200: {"model": UpdateAccepted, "description": "a repeat: the first update"}, **_ERRORS},
 )
-async def upload_update(
-    training_id: UUID,
-    request: Request,
-    response: Response,
-    client: CurrentClient,
-    uow: UowDep,
-    blobs: BlobsDep,
-    settings: SettingsDep,
-    cache: CacheDep,
-    reports: ReportsDep,
-) -> UpdateAccepted:
+async def upload_update(training_id: UUID, request: Request) -> Response:
     """Upload this client's model update for the open round (201), or learn the first one's id (200)."""
-    fmt = payload_format(request.headers.get("content-type"))
-    client_id = client.id
-    body_size = _content_length(request)
-    streamed = fmt is PayloadFormat.MSGPACK and (body_size is None or body_size > service.WHOLE_UPLOAD_BYTES)
-    # A body read whole names its round before anything is checked against the training, so the
-    # training's last view may answer (`open_or_fresh`); a streamed one is checked as it arrives.
-    training = await service.participant_training(uow, cache, training_id, client_id, fresh=streamed)
-    if streamed:
-        reader = TensorDocumentReader(request_chunks(request, settings.max_upload_bytes))
-        receipt = await service.receive_streamed_update(
-            uow, blobs, cache, reports, training, client_id, reader, body_size
+    async with client_call(request) as call:
+        fmt = payload_format(request.headers.get("content-type"))
+        uow, cache, client_id = call.uow, call.cache, call.client.id
+        body_size = _content_length(request)
+        streamed = fmt is PayloadFormat.MSGPACK and (
+            body_size is None or body_size > service.WHOLE_UPLOAD_BYTES
         )
-    else:
-        doc = await read_tensor_document(request, fmt, settings.max_upload_bytes)
-        receipt = await service.receive_update(uow, blobs, cache, reports, training, client_id, doc)
-    if receipt.duplicate:
-        response.status_code = status.HTTP_200_OK
-    return UpdateAccepted(update_id=receipt.update_id, round=receipt.round, duplicate=receipt.duplicate)
+        # A body read whole names its round before anything is checked against the training, so
+        # the training's last view may answer (`open_or_fresh`); a streamed one is checked as it arrives.
+        training = await service.participant_training(uow, cache, training_id, client_id, fresh=streamed)
+        limit = call.settings.max_upload_bytes
+        if streamed:
+            reader = TensorDocumentReader(request_chunks(request, limit))
+            receipt = await service.receive_streamed_update(
+                uow, call.blobs, cache, call.reports, training, client_id, reader, body_size
+            )
+        else:
+            doc = await read_tensor_document(request, fmt, limit)
+            receipt = await service.receive_update(
+                uow, call.blobs, cache, call.reports, training, client_id, doc
+            )
+    answer = UpdateAccepted(update_id=receipt.update_id, round=receipt.round, duplicate=receipt.duplicate)
+    return _answer(answer, duplicate=receipt.duplicate)
 
 
 @router.post(
     "/test-metrics",
     status_code=status.HTTP_201_CREATED,
+    openapi_extra=_BEARER,
+    response_model=MetricsAccepted,
     responses={200: {"model": MetricsAccepted, "description": "a repeat"}, **_ERRORS},
 )
 async def report_test_metrics(
     training_id: UUID,
     report: Annotated[dict[str, Any], Body(description='`{"round", "num_examples", "metrics"}`')],
-    response: Response,
-    client: CurrentClient,
-    uow: UowDep,
-    cache: CacheDep,
-    reports: ReportsDep,
-) -> MetricsAccepted:
+    request: Request,
+) -> Response:
     """Report this client's evaluation of the round's model while the round is testing."""
-    receipt = await service.receive_test_metrics(uow, cache, reports, training_id, client.id, report)
-    if receipt.duplicate:
-        response.status_code = status.HTTP_200_OK
-    return MetricsAccepted(round=receipt.round, duplicate=receipt.duplicate)
+    async with client_call(request) as call:
+        receipt = await service.receive_test_metrics(
+            call.uow, call.cache, call.reports, training_id, call.client.id, report
+        )
+    return _answer(
+        MetricsAccepted(round=receipt.round, duplicate=receipt.duplicate), duplicate=receipt.duplicate
+    )
+
+
+def _answer(body: UpdateAccepted | MetricsAccepted, *, duplicate: bool) -> Response:
+    """201 for a report recorded now, 200 for a repeat (the first one's answer)."""
+    return Response(
+        body.model_dump_json(),
+        status_code=status.HTTP_200_OK if duplicate else status.HTTP_201_CREATED,
+        media_type="application/json",
+    )
 
 
 def _content_length(request: Request) -> int | None:
