@@ -841,7 +841,7 @@ async def _record_update(
             await _closed_since(session, training_id, round_, RoundPhase.COLLECTING)
         log.info("update.repeat", training_id=str(training_id), round=round_, client_id=str(client_id))
         return UpdateReceipt(update_id=first, round=round_, duplicate=True)
-    log.info(
+    log.debug(  # one per client and round: the round's own lines are at info
         "update.received",
         training_id=str(training_id),
         round=round_,
@@ -907,7 +907,7 @@ async def receive_test_metrics(
         if not await _existing_test_metric(session, training_id, round_, client_id):
             await _closed_since(session, training_id, round_, RoundPhase.TESTING)
         return Receipt(round=round_, duplicate=True)
-    log.info("test_metrics.received", training_id=str(training_id), round=round_, client_id=str(client_id))
+    log.debug("test_metrics.received", training_id=str(training_id), round=round_, client_id=str(client_id))
     return Receipt(round=round_, duplicate=False)
 
 
