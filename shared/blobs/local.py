@@ -7,11 +7,12 @@ import contextlib
 import errno
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, check_key
+from shared.coalesce import Batches
 
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
@@ -19,8 +20,8 @@ SMALL_BLOB = 1024 * 1024
 """Streamed blobs up to this size are written in one go (see `LocalBlobStore.put_stream`)."""
 
 GROUPED_BLOB = 64 * 1024
-"""Blobs up to this size are written in groups (`_WriteGroups`): one worker-thread hop for all the
-small blobs put at the same time."""
+"""Blobs up to this size are written in groups (`shared.coalesce.Batches`): one worker-thread hop
+for all the small blobs put at the same time."""
 
 
 class LocalBlobStore(BlobStore):
@@ -32,7 +33,7 @@ class LocalBlobStore(BlobStore):
         self.root = root
         self.chunk_size = chunk_size
         self.root.mkdir(parents=True, exist_ok=True)
-        self._groups = _WriteGroups(self._put)
+        self._groups: Batches[tuple[Path, bytes], bool] = Batches(self._write_group)
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -44,10 +45,10 @@ class LocalBlobStore(BlobStore):
         disk decides (20 us to 0.3 ms for a 600-byte blob on this machine's ext4, more on a network
         volume). A hop to a worker thread costs the loop more than the write's own CPU (150 us of
         a 1 ms upload with 1,000 at once: waking the thread, handing the GIL back and forth), so
-        blobs up to `GROUPED_BLOB` bytes put at the same time share one hop (`_WriteGroups`)."""
+        blobs up to `GROUPED_BLOB` bytes put at the same time share one hop (`_write_group`)."""
         path = self._path(key)
         if len(data) <= GROUPED_BLOB:
-            return await self._groups.write(path, bytes(data))
+            return await self._groups.submit((path, bytes(data)))
         return await asyncio.to_thread(self._put, path, data)
 
     @classmethod
@@ -80,7 +81,7 @@ class LocalBlobStore(BlobStore):
         else:
             data = b"".join(head)
             if size <= GROUPED_BLOB:
-                return await self._groups.write(path, data)
+                return await self._groups.submit((path, data))
             return await asyncio.to_thread(self._put, path, data)
         if await asyncio.to_thread(path.exists):
             return False
@@ -95,6 +96,20 @@ class LocalBlobStore(BlobStore):
             await asyncio.to_thread(_unlink, tmp)
             raise
         return await asyncio.to_thread(_publish, tmp, path)
+
+    async def _write_group(self, files: list[tuple[Path, bytes]]) -> list[bool | Exception]:
+        """Small files put at the same time, written in one worker-thread hop; each its own outcome."""
+        return await asyncio.to_thread(self._write_all, files)
+
+    @classmethod
+    def _write_all(cls, files: list[tuple[Path, bytes]]) -> list[bool | Exception]:
+        out: list[bool | Exception] = []
+        for path, data in files:
+            try:
+                out.append(cls._put(path, data))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     @staticmethod
     def _open_temp(path: Path) -> tuple[BinaryIO, str]:
@@ -155,62 +170,6 @@ class LocalBlobStore(BlobStore):
     async def exists(self, key: str) -> bool:
         """Whether the file exists."""
         return await asyncio.to_thread(self._path(key).exists)
-
-
-class _WriteGroups:
-    """Small files written a group at a time, each group in one worker-thread hop.
-
-    A write joins the group that starts next: every write that arrives while a group is being
-    written goes into the following one (as `services.api.reports` groups rows). Each caller gets
-    its own file's outcome (created, already there, or its error) once its group is written. A
-    caller that stops waiting does not stop its write, as a plain thread hop would not.
-    """
-
-    def __init__(self, write: Callable[[Path, bytes], bool]) -> None:
-        self._write = write
-        self._pending: list[tuple[Path, bytes, asyncio.Future[bool]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def write(self, path: Path, data: bytes) -> bool:
-        """Write `data` to `path` with the next group; True if created, False if it existed."""
-        loop = asyncio.get_running_loop()
-        if self._task is not None and self._task.get_loop() is not loop:
-            self._pending, self._task = [], None  # left over from a closed event loop
-        outcome: asyncio.Future[bool] = loop.create_future()
-        self._pending.append((path, data, outcome))
-        if self._task is None:
-            self._task = loop.create_task(self._drain())
-        return await outcome
-
-    async def _drain(self) -> None:
-        group: list[tuple[Path, bytes, asyncio.Future[bool]]] = []
-        try:
-            while self._pending:
-                group, self._pending = self._pending, []
-                results = await asyncio.to_thread(self._write_all, [(p, d) for p, d, _ in group])
-                for (_, _, outcome), result in zip(group, results, strict=True):
-                    if outcome.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        outcome.set_exception(result)
-                    else:
-                        outcome.set_result(result)
-                group = []
-        finally:
-            self._task = None
-            for _, _, outcome in [*group, *self._pending]:
-                if not outcome.done():
-                    outcome.cancel()
-            self._pending = []
-
-    def _write_all(self, files: Sequence[tuple[Path, bytes]]) -> list[bool | Exception]:
-        out: list[bool | Exception] = []
-        for path, data in files:
-            try:
-                out.append(self._write(path, data))
-            except Exception as exc:
-                out.append(exc)
-        return out
 
 
 def _publish(tmp: str, path: Path) -> bool:

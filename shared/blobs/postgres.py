@@ -25,6 +25,7 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.dml import ReturningInsert
 
 from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, check_key
+from shared.coalesce import Batches
 from shared.db.base import create_engine
 
 metadata = MetaData()
@@ -77,6 +79,28 @@ _WRITE_ONE = (
 parameters (building it per write was a visible share of a distributed API's CPU)."""
 
 
+_WRITE_GROUP = text(
+    """
+    WITH given AS (
+        SELECT * FROM unnest(
+            CAST(:keys AS varchar[]), CAST(:sizes AS bigint[]), CAST(:digests AS varchar[]),
+            CAST(:datas AS bytea[])
+        ) AS g(key, size, sha256, data)
+    ), claimed AS (
+        INSERT INTO blob (key, size, sha256, complete)
+        SELECT key, size, sha256, true FROM given
+        ON CONFLICT (key) DO NOTHING
+        RETURNING key
+    )
+    INSERT INTO blob_chunk (key, index, data)
+    SELECT given.key, 0, given.data FROM given JOIN claimed ON claimed.key = given.key
+    RETURNING key
+    """
+)
+"""One-chunk blobs put at the same time (distinct keys), rows and chunks in one PostgreSQL statement;
+returns the keys it created (a key that existed is left alone)."""
+
+
 _GET_MANY = (
     select(blob_table.c.key, blob_table.c.size, blob_chunk_table.c.data)
     .join(blob_chunk_table, blob_chunk_table.c.key == blob_table.c.key)
@@ -110,6 +134,7 @@ class PostgresBlobStore(BlobStore):
         self._owns_engine = isinstance(engine_or_url, str)
         self.engine = create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
         self.chunk_size = chunk_size
+        self._groups: Batches[tuple[str, bytes], bool] = Batches(self._write_group)
 
     async def create_tables(self) -> None:
         """Create the blob tables when missing (embedded mode and tests; distributed mode migrates)."""
@@ -161,16 +186,62 @@ class PostgresBlobStore(BlobStore):
         atomic by itself, so on PostgreSQL it runs in autocommit: no BEGIN and COMMIT round trips.
         """
         check_key(key)
-        values = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "data": data}
         if self.engine.dialect.name == "postgresql":
-            async with self.engine.connect() as conn:
-                autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                return (await autocommit.execute(_WRITE_ONE, values)).first() is not None
+            return await self._groups.submit((key, data))
+        values = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "data": data}
         async with self.engine.begin() as conn:
             if (await conn.execute(_claim(sqlite.insert(blob_table)), values)).first() is None:
                 return False
             await self._write_chunk(conn, key, 0, data)
             return True
+
+    async def _write_group(self, blobs: list[tuple[str, bytes]]) -> list[bool | Exception]:
+        """One-chunk blobs put at the same time (`Batches`), written by one autocommit statement
+        (`_WRITE_GROUP`): one round trip and one pooled connection for a round's uploads arriving
+        together. A key given twice is written once (the later ones get False, as after a commit).
+        If the statement fails, each blob is written alone, so one bad blob fails only its caller."""
+        first: dict[str, int] = {}
+        for i, (key, _) in enumerate(blobs):
+            first.setdefault(key, i)
+        if len(first) == 1:
+            key, data = blobs[0]
+            try:
+                created = {key} if await self._write_alone(key, data) else set()
+            except Exception as exc:
+                return [exc] * len(blobs)
+        else:
+            unique = [blobs[i] for i in first.values()]
+            params = {
+                "keys": [key for key, _ in unique],
+                "sizes": [len(data) for _, data in unique],
+                "digests": [hashlib.sha256(data).hexdigest() for _, data in unique],
+                "datas": [data for _, data in unique],
+            }
+            try:
+                async with self.engine.connect() as conn:
+                    autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    created = set((await autocommit.execute(_WRITE_GROUP, params)).scalars())
+            except Exception:
+                return [
+                    await self._outcome_alone(key, data, first[key] == i)
+                    for i, (key, data) in enumerate(blobs)
+                ]
+        return [key in created and first[key] == i for i, (key, _) in enumerate(blobs)]
+
+    async def _outcome_alone(self, key: str, data: bytes, writes: bool) -> bool | Exception:
+        if not writes:
+            return False
+        try:
+            return await self._write_alone(key, data)
+        except Exception as exc:
+            return exc
+
+    async def _write_alone(self, key: str, data: bytes) -> bool:
+        """A one-chunk blob by itself: its row and chunk in one autocommit statement (`_WRITE_ONE`)."""
+        values = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "data": data}
+        async with self.engine.connect() as conn:
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return (await autocommit.execute(_WRITE_ONE, values)).first() is not None
 
     async def _write(self, key: str, chunks: AsyncIterator[bytes] | AsyncIterator[memoryview]) -> bool:
         """Insert the blob row, its chunks, then mark it complete, all in one transaction.

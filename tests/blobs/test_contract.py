@@ -243,3 +243,46 @@ async def test_postgres_get_refuses_a_blob_whose_chunks_do_not_add_up(postgres_u
             await store.get(k)
     finally:
         await store.close()
+
+
+async def test_small_puts_at_the_same_time_each_get_their_own_outcome(store: BlobStore) -> None:
+    """Many small puts at once (written in groups): each new key created once with its own bytes, a
+    key given twice at once created by exactly one put, an existing key left alone."""
+    import asyncio
+
+    existing = key()
+    assert await store.put(existing, b"first")
+    twice = key()
+    keys = [key() for _ in range(40)]
+    outcomes = await asyncio.gather(
+        *(store.put(k, f"blob {i}".encode()) for i, k in enumerate(keys)),
+        store.put(existing, b"second"),
+        store.put(twice, b"one"),
+        store.put(twice, b"two"),
+    )
+    assert outcomes[:40] == [True] * 40
+    assert outcomes[40] is False
+    assert sorted(outcomes[41:]) == [False, True]
+    assert [await store.get(k) for k in keys] == [f"blob {i}".encode() for i in range(40)]
+    assert await store.get(existing) == b"first"
+    assert await store.get(twice) in (b"one", b"two")
+    assert await store.get_many([keys[0], twice, keys[-1]]) == [b"blob 0", await store.get(twice), b"blob 39"]
+
+
+@pytest.mark.integration
+async def test_postgres_group_that_fails_is_written_blob_by_blob(postgres_url, monkeypatch) -> None:
+    """The group statement failing as a whole: every blob of the group is written alone instead."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from shared.blobs import postgres
+
+    monkeypatch.setattr(postgres, "_WRITE_GROUP", text("SELECT no_such_column FROM blob"))
+    store = PostgresBlobStore(postgres_url, chunk_size=MiB)
+    try:
+        keys = [key() for _ in range(10)]
+        assert await asyncio.gather(*(store.put(k, k.encode()) for k in keys)) == [True] * 10
+        assert await store.get_many(keys) == [k.encode() for k in keys]
+    finally:
+        await store.close()
