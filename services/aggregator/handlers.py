@@ -54,8 +54,10 @@ from services.aggregator.pipeline import (
     decode_state_dict,
     feed,
     job_spec,
+    off_loop,
     open_round,
     read_blob,
+    runs_inline,
 )
 from services.aggregator.settings import AggregatorSettings, resolve_device
 from services.aggregator.split import Split, plan_split
@@ -135,8 +137,9 @@ def _encode(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, StoredBlob]:
 
 
 async def put_tensors(blobs: BlobStore, tensors: Mapping[str, torch.Tensor]) -> StoredBlob:
-    """Encode a state dict (off the event loop) and store it under its content address."""
-    data, blob = await asyncio.to_thread(_encode, tensors)
+    """Encode a state dict (off the event loop unless small) and store it under its content address."""
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    data, blob = await off_loop(runs_inline(size, 1), _encode, tensors)
     # Written before the commit: if the transaction rolls back, the blob is an orphan under its own
     # content address, which the retry rewrites (a no-op) rather than duplicates.
     await blobs.put(blob.key, data)

@@ -443,3 +443,46 @@ async def test_aggregate_round_with_a_window_equals_one_by_one(gen, tmp_path):
     assert one.accepted == four.accepted == tuple(refs)
     for name, tensor in one.aggregate.model.items():
         assert torch.equal(four.aggregate.model[name], tensor), name
+
+
+@pytest.mark.parametrize("updates", [6, 600])
+async def test_a_small_round_is_computed_on_the_loop_a_large_one_in_threads(
+    gen: torch.Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, updates: int
+) -> None:
+    """Model bytes times updates within `INLINE_WORK_BYTES`: decoding, checks and aggregation run on
+    the event loop (no thread hop); beyond it each step goes to a worker thread. Same model either way."""
+    base = model(gen)
+    blobs = LocalBlobStore(tmp_path)
+    base_bytes = encode(base)
+    await blobs.put("model/base", base_bytes)
+    refs = [ref(num_examples=i + 1) for i in range(updates)]
+    for r in refs:
+        await blobs.put(r.blob_key, encode(model(gen)))
+    job = AggregateRound(
+        job_id=uuid4(),
+        training_id=uuid4(),
+        round=1,
+        base_model_id=uuid4(),
+        base_blob_key="model/base",
+        method="fedavg",
+        updates=tuple(refs),
+    )
+    hops: list[str] = []
+    real = pipeline_module.asyncio.to_thread
+
+    async def counting(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module.asyncio, "to_thread", counting)
+    outcome = await aggregate_round(job, blobs, CPU)
+    small = pipeline_module.runs_inline(len(base_bytes), updates)
+    assert small is (updates == 6)
+    work = [h for h in hops if h not in ("read_bytes", "_read_all")]  # the blob store's own reads
+    if small:
+        assert work == []
+    else:
+        assert work[:2] == ["decode_state_dict", "RoundPipeline"] and work[-1] == "finish"
+        assert set(work[2:-1]) == {"_offer_all"}
+    assert outcome.accepted == tuple(refs)
+    assert set(outcome.aggregate.model) == set(base)
