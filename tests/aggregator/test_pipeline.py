@@ -421,39 +421,11 @@ def test_fold_window_setting_and_its_bounds():
         RoundPipeline(AggregationSpec(), {"w": torch.zeros(1)}, device=CPU, seed=0, fold_window=0)
 
 
-async def test_aggregate_round_with_a_window_equals_one_by_one(gen, tmp_path):
-    """The whole round from blobs, windowed or not: the same model, bit for bit."""
-    base = model(gen)
-    blobs = LocalBlobStore(tmp_path)
-    await blobs.put("model/base", encode(base))
-    refs = [ref(num_examples=i + 1) for i in range(6)]
-    for r in refs:
-        await blobs.put(r.blob_key, encode(model(gen)))
-    job = AggregateRound(
-        job_id=uuid4(),
-        training_id=uuid4(),
-        round=1,
-        base_model_id=uuid4(),
-        base_blob_key="model/base",
-        method="fedavg",
-        updates=tuple(refs),
-    )
-    one = await aggregate_round(job, blobs, CPU, fold_window=1)
-    four = await aggregate_round(job, blobs, CPU, fold_window=4)
-    assert one.accepted == four.accepted == tuple(refs)
-    for name, tensor in one.aggregate.model.items():
-        assert torch.equal(four.aggregate.model[name], tensor), name
-
-
-@pytest.mark.parametrize("updates", [6, 600])
-async def test_a_small_round_is_computed_on_the_loop_a_large_one_in_threads(
-    gen: torch.Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, updates: int
-) -> None:
-    """Model bytes times updates within `INLINE_WORK_BYTES`: decoding, checks and aggregation run on
-    the event loop (no thread hop); beyond it each step goes to a worker thread. Same model either way."""
-    base = model(gen)
-    blobs = LocalBlobStore(tmp_path)
-    base_bytes = encode(base)
+async def stored_round(
+    gen: torch.Generator, blobs: LocalBlobStore, updates: int
+) -> tuple[AggregateRound, bytes]:
+    """A FedAvg job over a stored base model and `updates` stored updates; the base's bytes."""
+    base_bytes = encode(model(gen))
     await blobs.put("model/base", base_bytes)
     refs = [ref(num_examples=i + 1) for i in range(updates)]
     for r in refs:
@@ -467,6 +439,30 @@ async def test_a_small_round_is_computed_on_the_loop_a_large_one_in_threads(
         method="fedavg",
         updates=tuple(refs),
     )
+    return job, base_bytes
+
+
+async def test_aggregate_round_with_a_window_equals_one_by_one(gen, tmp_path):
+    """The whole round from blobs, windowed or not: the same model, bit for bit."""
+    blobs = LocalBlobStore(tmp_path)
+    job, _ = await stored_round(gen, blobs, 6)
+    refs = list(job.updates)
+    one = await aggregate_round(job, blobs, CPU, fold_window=1)
+    four = await aggregate_round(job, blobs, CPU, fold_window=4)
+    assert one.accepted == four.accepted == tuple(refs)
+    for name, tensor in one.aggregate.model.items():
+        assert torch.equal(four.aggregate.model[name], tensor), name
+
+
+@pytest.mark.parametrize("updates", [6, 600])
+async def test_a_small_round_is_computed_on_the_loop_a_large_one_in_threads(
+    gen: torch.Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, updates: int
+) -> None:
+    """Model bytes times updates within `INLINE_WORK_BYTES`: decoding, checks and aggregation run on
+    the event loop (no thread hop); beyond it each step goes to a worker thread. Same model either way."""
+    blobs = LocalBlobStore(tmp_path)
+    job, base_bytes = await stored_round(gen, blobs, updates)
+    refs = list(job.updates)
     hops: list[str] = []
     real = pipeline_module.asyncio.to_thread
 
@@ -485,4 +481,4 @@ async def test_a_small_round_is_computed_on_the_loop_a_large_one_in_threads(
         assert work[:2] == ["decode_state_dict", "RoundPipeline"] and work[-1] == "finish"
         assert set(work[2:-1]) == {"_offer_all"}
     assert outcome.accepted == tuple(refs)
-    assert set(outcome.aggregate.model) == set(base)
+    assert set(outcome.aggregate.model) == set(model(gen))
