@@ -784,9 +784,7 @@ async def _repeat_or_closed(
     While the round is open a repeat is looked up only when `look_up`; otherwise it is left to the
     insert in `_record_update`."""
     round_ = _integer(fields, "round", minimum=None)
-    if not look_up and _is_open(
-        training.state, training.phase, training.round, round_, RoundPhase.COLLECTING
-    ):
+    if not look_up and training.is_open(round_, RoundPhase.COLLECTING):
         return None
     existing = await _existing_update(session, training.id, round_, client_id)
     if existing is not None:
@@ -884,7 +882,7 @@ async def receive_test_metrics(
     training = await participant_training(uow, cache, training_id, client_id, fresh=False)
     round_ = _integer(report, "round", minimum=None)
     training = await open_or_fresh(uow, cache, training, round_, RoundPhase.TESTING)
-    if not _is_open(training.state, training.phase, training.round, round_, RoundPhase.TESTING):
+    if not training.is_open(round_, RoundPhase.TESTING):
         if await _existing_test_metric(session, training_id, round_, client_id):
             return Receipt(round=round_, duplicate=True)
         _require_open(training_id, training.state, training.phase, training.round, round_, RoundPhase.TESTING)
