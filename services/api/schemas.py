@@ -15,7 +15,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 from starlette.requests import Request
 
-from services.api.errors import PayloadTooLarge, UnsupportedMediaType
+from services.api.errors import PayloadTooLarge, UnsupportedMediaType, ValidationError
 from shared.codec import TensorRecord, decode_document, decode_tensors, parse_tensor_map
 from shared.enums import Role, RoundPhase, TrainingState
 from shared.errors import MalformedPayload
@@ -317,6 +317,19 @@ async def read_body(request: Request, limit: int) -> bytearray:
         if len(body) > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
     return body
+
+
+async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    """A JSON object body of at most `limit` bytes; `ValidationError` (422) for anything else, as
+    FastAPI's validation of a `dict` body answers."""
+    body = await read_body(request, limit)
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        raise ValidationError(f"body: JSON decode error: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValidationError("body: Input should be a valid dictionary")
+    return value
 
 
 async def read_tensor_document(request: Request, fmt: PayloadFormat, limit: int) -> TensorDocument:

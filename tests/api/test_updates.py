@@ -636,3 +636,25 @@ async def test_test_metrics_need_a_participant(world: World) -> None:
     )
     assert resp.status_code == 403
     assert resp.json()["error"] == "NotAParticipant"
+
+
+@pytest.mark.parametrize(
+    ("who", "content", "status", "error"),
+    [
+        ("nobody", b"[1, 2]", 401, "Unauthenticated"),
+        ("nobody", b"not json", 401, "Unauthenticated"),
+        ("alice", b"[1, 2]", 422, "ValidationError"),
+        ("alice", b"not json", 422, "ValidationError"),
+    ],
+)
+async def test_test_metrics_check_the_caller_before_the_body(
+    world: World, who: str, content: bytes, status: int, error: str
+) -> None:
+    """Without a token the answer is 401 whatever the body; a client's body that is no JSON object is 422."""
+    fedhub = world.fedhub
+    await fedhub.set_round(world.training_id, phase=RoundPhase.TESTING)
+    headers = {"Content-Type": "application/json", **(world.alice.headers if who == "alice" else {})}
+    resp = await fedhub.http.post(metrics_url(world), content=content, headers=headers)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"] == error
+    assert await fedhub.count(db.TestMetric) == 0

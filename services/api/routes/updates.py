@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 
 from services.api import service
 from services.api.deps import client_call
@@ -17,6 +17,7 @@ from services.api.schemas import (
     PayloadFormat,
     UpdateAccepted,
     payload_format,
+    read_json_object,
     read_tensor_document,
 )
 from services.api.uploads import request_chunks
@@ -79,20 +80,30 @@ async def upload_update(training_id: UUID, request: Request) -> Response:
     return _answer(answer, duplicate=receipt.duplicate)
 
 
+_REPORT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": '`{"round": int, "num_examples": int, "metrics": {str: number}}`',
+        "content": {JSON: {"schema": {"type": "object"}}},
+    }
+}
+REPORT_BYTES = 1024 * 1024
+"""A test report is a few numbers: its body may be this large at most."""
+
+
 @router.post(
     "/test-metrics",
     status_code=status.HTTP_201_CREATED,
-    openapi_extra=_BEARER,
+    openapi_extra={**_REPORT_BODY, **_BEARER},
     response_model=MetricsAccepted,
     responses={200: {"model": MetricsAccepted, "description": "a repeat"}, **_ERRORS},
 )
-async def report_test_metrics(
-    training_id: UUID,
-    report: Annotated[dict[str, Any], Body(description='`{"round", "num_examples", "metrics"}`')],
-    request: Request,
-) -> Response:
+async def report_test_metrics(training_id: UUID, request: Request) -> Response:
     """Report this client's evaluation of the round's model while the round is testing."""
     async with client_call(request) as call:
+        # Read here, after the caller is known: an unauthenticated request is refused (401) whatever
+        # its body holds, as it was while FastAPI solved the caller before validating the body.
+        report = await read_json_object(request, REPORT_BYTES)
         receipt = await service.receive_test_metrics(
             call.uow, call.cache, call.reports, training_id, call.client.id, report
         )
