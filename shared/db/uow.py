@@ -88,11 +88,12 @@ class UnitOfWork:
                         envelope.message_id for envelope in outbox
                     ):
                         handing = handoff
-                await session.commit()
+                if session.in_transaction():  # nothing begun (no statement, no object): nothing to end
+                    await session.commit()
                 if handing is not None:
                     # No await between the commit and the hand-off: publication follows commit order.
                     handing.hand_off(rows)
-            else:
+            elif session.in_transaction():
                 await session.rollback()
         except BaseException:
             if handing is not None:

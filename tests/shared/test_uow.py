@@ -232,3 +232,34 @@ async def test_a_message_that_changed_nothing_leaves_no_inbox_row(runtime):
     await runtime.relay.drain()
     await wait_until(lambda: len(received) >= 1, "the emitted message")
     assert len(received) == 1, "the redelivery's emit was rolled back with it"
+
+
+async def test_a_unit_of_work_that_began_nothing_ends_nothing(runtime, monkeypatch):
+    """No statement, no object: no commit (or rollback) to run, and the after-commit callbacks still
+    run; one statement, and the commit runs as always."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    ended: list[str] = []
+    real_commit, real_rollback = AsyncSession.commit, AsyncSession.rollback
+
+    async def commit(self: AsyncSession) -> None:
+        ended.append("commit")
+        await real_commit(self)
+
+    async def rollback(self: AsyncSession) -> None:
+        ended.append("rollback")
+        await real_rollback(self)
+
+    monkeypatch.setattr(AsyncSession, "commit", commit)
+    monkeypatch.setattr(AsyncSession, "rollback", rollback)
+    after: list[str] = []
+    async with runtime.uow() as uow:
+        uow.after_commit(lambda: after.append("ran"))
+    assert (ended, after) == ([], ["ran"])
+    with pytest.raises(RuntimeError):
+        async with runtime.uow():
+            raise RuntimeError("refused before any statement")
+    assert ended == []
+    async with runtime.uow() as uow:
+        await uow.session.scalar(select(func.count()).select_from(Principal))
+    assert ended == ["commit"]
