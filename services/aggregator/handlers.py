@@ -54,7 +54,6 @@ from services.aggregator.pipeline import (
     decode_state_dict,
     feed,
     job_spec,
-    off_loop,
     open_round,
     read_blob,
     runs_inline,
@@ -78,6 +77,7 @@ from shared.events import (
 from shared.messaging import Handler
 from shared.metrics import REGISTRY
 from shared.tensors import state_dict_to_records
+from shared.threads import off_loop
 
 log = structlog.get_logger(component="aggregator")
 

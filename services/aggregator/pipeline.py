@@ -37,14 +37,13 @@ down) propagates, so the job is retried.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 from uuid import UUID
 
 import structlog
@@ -69,6 +68,7 @@ from shared.codec import TensorRecord, decode_tensors
 from shared.errors import FedhubError, MalformedPayload
 from shared.events import AggregateRound, UpdateRef
 from shared.tensors import TensorSpec, check_against_spec, records_to_state_dict, to_torch
+from shared.threads import off_loop
 
 log = structlog.get_logger(component="aggregator")
 
@@ -407,9 +407,6 @@ async def read_blob(blobs: BlobStore, key: str, what: str) -> bytes:
         raise JobRejected(f"{what}: {exc}") from None
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
 INLINE_WORK_BYTES = 256 * 1024
 """A round whose base model's bytes times its updates is at most this runs its decoding, checks and
 aggregation on the event loop instead of in a worker thread: a few hundred microseconds of work,
@@ -420,13 +417,6 @@ A: an 18 KiB model, 8 updates). Larger rounds keep the loop free."""
 def runs_inline(model_bytes: int, updates: int) -> bool:
     """Whether a round of this size is computed on the event loop (`INLINE_WORK_BYTES`)."""
     return model_bytes * max(1, updates) <= INLINE_WORK_BYTES
-
-
-async def off_loop(inline: bool, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """`fn` on the event loop when `inline` (small work), else in a worker thread."""
-    if inline:
-        return fn(*args, **kwargs)
-    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 async def open_round(

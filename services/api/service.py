@@ -65,6 +65,7 @@ from shared.errors import (
 )
 from shared.events import CancelTraining, StartTraining, TestMetricsReceived, UpdateReceived, utcnow
 from shared.tensors import TensorSpec, check_against_spec, first_non_finite
+from shared.threads import off_loop
 
 log = structlog.get_logger(component="api")
 
@@ -80,9 +81,7 @@ _MAX_NAME = 200
 
 async def offload(size: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run CPU work on a payload of `size` bytes in a thread when it is large enough to stall the loop."""
-    if size > OFFLOAD_BYTES:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    return fn(*args, **kwargs)
+    return await off_loop(size <= OFFLOAD_BYTES, fn, *args, **kwargs)
 
 
 # --- principals -----------------------------------------------------------------------------------

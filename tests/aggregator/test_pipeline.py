@@ -25,6 +25,7 @@ from services.aggregator.pipeline import (
     update_views,
 )
 from services.aggregator.settings import AggregatorSettings
+from shared import threads
 from shared.aggregation import AggregationMethod, AggregationSpec, MethodParams
 from shared.blobs import LocalBlobStore
 from shared.codec import decode_tensors, encode_tensors
@@ -464,13 +465,13 @@ async def test_a_small_round_is_computed_on_the_loop_a_large_one_in_threads(
     job, base_bytes = await stored_round(gen, blobs, updates)
     refs = list(job.updates)
     hops: list[str] = []
-    real = pipeline_module.asyncio.to_thread
+    real = threads.asyncio.to_thread
 
     async def counting(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         hops.append(getattr(fn, "__name__", repr(fn)))
         return await real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module.asyncio, "to_thread", counting)
+    monkeypatch.setattr(threads.asyncio, "to_thread", counting)
     outcome = await aggregate_round(job, blobs, CPU)
     small = pipeline_module.runs_inline(len(base_bytes), updates)
     assert small is (updates == 6)
