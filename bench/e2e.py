@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import importlib.util
 import json
 import os
 import signal
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+import aiohttp
 import httpx
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ class BenchConfig:
     run_timeout_s: float = 900.0
     """A run taking longer is cancelled and reported as failed, so that the others still run."""
     shared_http: bool = False
-    """One `httpx.AsyncClient` for all the simulated clients instead of one each."""
+    """One HTTP session (`aiohttp.ClientSession`) for all the simulated clients instead of one each."""
     profile: bool = False
     """Scrape the services' metrics around the rounds and add the split of a round to each leaf."""
     embedded_in_process: bool = False
@@ -547,24 +547,24 @@ async def _run_training(
     the rounds and the (open) actor client."""
     requests = 0
 
-    async def count(request: httpx.Request) -> None:
+    async def count(session: object, context: object, params: aiohttp.TraceRequestStartParams) -> None:
         nonlocal requests
         requests += 1
 
-    timeout = httpx.Timeout(300.0, connect=60.0)
+    def session(limit: int = 100) -> aiohttp.ClientSession:
+        trace = aiohttp.TraceConfig()
+        trace.on_request_start.append(count)
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=60.0, sock_read=300.0),
+            connector=aiohttp.TCPConnector(limit=limit, ssl=shared_tls()),
+            trace_configs=[trace],
+        )
+
     if config.shared_http:
         # One pool for every client: each holds an event stream open and makes a request or two at once.
-        size = 2 * num_clients + 20
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-        shared = httpx.AsyncClient(limits=limits, timeout=timeout, event_hooks={"request": [count]})
-        https = [shared] * num_clients
+        https = [session(limit=2 * num_clients + 20)] * num_clients
     else:
-        # httpcore matches queued requests to connections in time linear in the pool, per request:
-        # one small pool per client keeps the harness from dominating at 100+ clients.
-        https = [
-            httpx.AsyncClient(timeout=timeout, event_hooks={"request": [count]}, verify=shared_tls())
-            for _ in range(num_clients)
-        ]
+        https = [session() for _ in range(num_clients)]
     actor = ActorClient(server.base_url, server.admin_token, events_url=server.events_url)
     setup_started = time.perf_counter()
     semaphore = asyncio.Semaphore(50)
@@ -615,7 +615,7 @@ async def _run_training(
             after = await scrape(metrics_urls(server))
     finally:
         for http in set(https):
-            await http.aclose()
+            await http.close()
     final = await actor.get_training(training_id)
     rounds_json = await actor.get_rounds(training_id)
     round_s = round_durations(rounds_json)
@@ -638,14 +638,6 @@ async def _run_training(
     if config.profile:
         leaf["profile"] = profile_split(before, after, rounds)
     return leaf, rounds_json, actor
-
-
-def skip_sniffio_lookups() -> None:
-    """httpcore imports `sniffio` on every request to tell asyncio from trio; where it is not installed
-    each such import searches sys.path again (~0.1 ms, twice a request, in every simulated client).
-    Marked absent, the import fails at once. The harness's cost, not the server's."""
-    if importlib.util.find_spec("sniffio") is None:
-        sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
 def warm_up_torch() -> None:
@@ -717,7 +709,6 @@ async def run_bench(
     """Every requested run; `{"A": {mode: leaf}, "B": {mode: {str(n): leaf}}}`. A failed run's leaf
     holds `{"error": ...}` so the others still report; `checkpoint` gets the results after each run."""
     config = config or BenchConfig()
-    skip_sniffio_lookups()
     say = progress or (lambda _: None)
     out: dict[str, Any] = {}
     for workload in workloads:
@@ -904,9 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds-a", type=int, default=10)
     parser.add_argument("--rounds-b", type=int, default=5)
     parser.add_argument("--run-timeout-s", type=float, default=900.0, help="give up on a run after this")
-    parser.add_argument(
-        "--shared-http", action="store_true", help="one httpx pool for all clients (slower at 100+)"
-    )
+    parser.add_argument("--shared-http", action="store_true", help="one HTTP session for all clients")
     parser.add_argument(
         "--profile", action="store_true", help="split each round by phase from the services' /metrics"
     )

@@ -8,7 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-import httpx
+import aiohttp
 import structlog
 
 from fedhub.client.retry import RetryPolicy
@@ -31,7 +31,7 @@ class ActorClient:
         self,
         base_url: str,
         admin_or_actor_token: str,
-        http: httpx.AsyncClient | None = None,
+        http: aiohttp.ClientSession | None = None,
         *,
         retry: RetryPolicy | None = None,
         events_url: str | None = None,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-import httpx
+import aiohttp
 import structlog
 
 from fedhub.client.errors import ClientError
@@ -72,7 +72,7 @@ class Client:
     training_id
         The training to follow; ``None`` follows the first training the client hears of.
     http
-        An ``httpx.AsyncClient`` to send requests with (left open); one is made otherwise.
+        An ``aiohttp.ClientSession`` to send requests with (left open); one is made otherwise.
     retry
         Backoff for HTTP retries and event-stream reconnects.
     name
@@ -95,7 +95,7 @@ class Client:
         fit: FitFn,
         evaluate: EvaluateFn | None = None,
         training_id: UUID | str | None = None,
-        http: httpx.AsyncClient | None = None,
+        http: aiohttp.ClientSession | None = None,
         retry: RetryPolicy | None = None,
         name: str | None = None,
         on_event: EventHook | None = None,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    from fedhub.client.transport import Reply
 
 
 class ClientError(Exception):
@@ -24,7 +25,7 @@ class ServerUnreachable(ClientError):
         super().__init__(status_code, "ServerUnreachable", detail)
 
 
-def error_from_response(response: httpx.Response) -> ClientError:
+def error_from_response(response: Reply) -> ClientError:
     """The `ClientError` for an error response (`{"error", "detail"}`, or whatever else it holds)."""
     error = f"HTTP{response.status_code}"
     detail = response.text[:500]

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
-import httpx
+import aiohttp
 import structlog
 
 from fedhub.client.errors import ClientError, ServerUnreachable, error_from_response
 from fedhub.client.sse import ServerSentEvent, SSEParser
-from fedhub.client.transport import Transport, is_retryable_status
+from fedhub.client.transport import TRANSPORT_ERRORS, Reply, Transport, describe, is_retryable_status
 
 log = structlog.get_logger(component="fedhub.client")
 
@@ -56,7 +56,7 @@ class EventStream:
         self._params = params or dict
         self._parser = SSEParser(last_event_id or "")
         self._idle_timeout_s = idle_timeout_s
-        self._response: httpx.Response | None = None
+        self._response: aiohttp.ClientResponse | None = None
         self._chunks: AsyncIterator[bytes] | None = None
         self._pending: deque[ServerSentEvent | Connected] = deque()
         self._connections = 0
@@ -91,8 +91,8 @@ class EventStream:
             except StopAsyncIteration:
                 await self._drop("stream ended")
                 continue
-            except httpx.TransportError as exc:
-                await self._drop(f"{type(exc).__name__}: {exc}")
+            except TRANSPORT_ERRORS as exc:
+                await self._drop(describe(exc))
                 continue
             self._pending.extend(self._parser.feed(chunk))
         return self._pending.popleft()
@@ -106,42 +106,47 @@ class EventStream:
             self._dropped = False
             try:
                 response = await self._open()
-            except httpx.TransportError as exc:
+            except TRANSPORT_ERRORS as exc:
                 log.warning("events.connect_failed", error=type(exc).__name__, attempt=attempt + 1)
-                failure = f"{type(exc).__name__}: {exc}"
+                failure = describe(exc)
                 continue
-            if response.status_code == 200:
+            if response.status == 200:
                 content_type = response.headers.get("Content-Type", "")
                 if not content_type.startswith("text/event-stream"):
-                    await response.aclose()
+                    response.close()
                     raise ClientError(200, "NotAnEventStream", f"{self._path} answered {content_type!r}")
                 self._accept(response)
                 return
-            await response.aread()
-            await response.aclose()
-            if not is_retryable_status(response.status_code):
-                raise error_from_response(response)
-            failure = str(error_from_response(response))
-            log.warning("events.connect_failed", status=response.status_code, attempt=attempt + 1)
+            try:
+                reply = await Reply.read(response)
+            except TRANSPORT_ERRORS as exc:
+                failure = describe(exc)
+                continue
+            finally:
+                response.release()
+            if not is_retryable_status(reply.status_code):
+                raise error_from_response(reply)
+            failure = str(error_from_response(reply))
+            log.warning("events.connect_failed", status=reply.status_code, attempt=attempt + 1)
         raise ServerUnreachable(f"GET {self._path}: {policy.attempts} attempts failed, last: {failure}")
 
-    async def _open(self) -> httpx.Response:
+    async def _open(self) -> aiohttp.ClientResponse:
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
-        request = self._transport.http.build_request(
-            "GET",
+        return await self._transport.http.get(
             self._transport.url(self._path),
             params=dict(self._params()),
             headers=self._transport.headers(headers),
-            timeout=httpx.Timeout(10.0, read=self._idle_timeout_s),
+            allow_redirects=False,
+            # A read waits at most the idle timeout: the server's keepalives arrive well within it.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self._idle_timeout_s),
         )
-        return await self._transport.http.send(request, stream=True)
 
-    def _accept(self, response: httpx.Response) -> None:
+    def _accept(self, response: aiohttp.ClientResponse) -> None:
         self._connections += 1
         self._response = response
-        self._chunks = response.aiter_bytes()
+        self._chunks = response.content.iter_any()
         self._parser.reset()
         log.info("events.connected", connection=self._connections, last_event_id=self.last_event_id)
         self._pending.append(Connected(connection=self._connections, last_event_id=self.last_event_id))
@@ -157,12 +162,11 @@ class EventStream:
         self._dropped = True
 
     async def _close_response(self) -> None:
-        response, chunks = self._response, self._chunks
+        response = self._response
         self._response, self._chunks = None, None
-        if isinstance(chunks, AsyncGenerator):
-            await chunks.aclose()
         if response is not None:
-            await response.aclose()
+            # Closed, not released: a stream read only in part cannot carry another request.
+            response.close()
 
     async def aclose(self) -> None:
         """Close the current connection; iterating afterwards would open a new one."""

@@ -9,16 +9,18 @@ import ssl
 from typing import Any
 from uuid import UUID, uuid4
 
+import aiohttp
 import httpx
 import pytest
 import torch
 
 from fedhub.client import Client, ClientError, RetryPolicy, ServerUnreachable
+from fedhub.client import transport as transport_module
 from fedhub.client.transport import Transport, shared_tls
 from shared.codec import decode_document, encode_tensors, parse_tensor_map
 from shared.tensors import records_to_state_dict, state_dict_to_records
 
-from .fakes import FAST, Hang, ScriptedServer, error_response, sse, weights_response
+from .fakes import FAST, Hang, ScriptedServer, closed_port, error_response, session_to, sse, weights_response
 
 BASE = "http://fedhub.test"
 TOKEN = "client-token"
@@ -92,7 +94,7 @@ class Recorder:
 
 
 def make_client(
-    http: httpx.AsyncClient, rec: Recorder, training_id: UUID | None = T, **kwargs: Any
+    http: aiohttp.ClientSession, rec: Recorder, training_id: UUID | None = T, **kwargs: Any
 ) -> Client:
     """A client over the scripted server with instant retries."""
     kwargs.setdefault("evaluate", rec.evaluate)
@@ -449,17 +451,10 @@ async def test_other_4xx_raise_client_error_with_the_servers_words(server: Scrip
 
 async def test_an_unauthorised_event_stream_fails_at_once(server: ScriptedServer, http):
     """401 on connect is final: one attempt, ClientError Unauthenticated."""
-    original = server.handler
+    server.stream(error_response(401, "Unauthenticated", "bad token"))
 
-    async def refuse(request):
-        if request.url.path == "/v1/events":
-            server.requests.append(request)
-            return error_response(401, "Unauthenticated", "bad token")
-        return await original(request)
-
-    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as refusing:
-        with pytest.raises(ClientError) as info:
-            await make_client(refusing, Recorder()).run()
+    with pytest.raises(ClientError) as info:
+        await make_client(http, Recorder()).run()
 
     assert info.value.error == "Unauthenticated"
     assert server.calls == ["GET /v1/events"]
@@ -469,16 +464,18 @@ async def test_an_unreachable_server_gives_up_after_the_policy_attempts():
     """Connection errors are retried `attempts` times, then ServerUnreachable."""
     tries = []
 
-    def down(request):
-        tries.append(request)
-        raise httpx.ConnectError("connection refused", request=request)
+    async def count(session: object, context: object, params: aiohttp.TraceRequestStartParams) -> None:
+        tries.append(params.url)
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(down)) as http:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(count)
+    async with session_to(closed_port(), trace_configs=[trace]) as http:
         client = Client(BASE, TOKEN, fit=Recorder().fit, training_id=T, http=http, retry=RetryPolicy(4, 0, 0))
-        with pytest.raises(ServerUnreachable):
+        with pytest.raises(ServerUnreachable) as info:
             await client.run()
 
     assert len(tries) == 4
+    assert "ClientConnectorError" in info.value.detail
 
 
 async def test_a_failing_hook_does_not_stop_the_client(server: ScriptedServer, http):
@@ -516,11 +513,8 @@ def test_run_sync_runs_the_client_in_its_own_loop(server: ScriptedServer, monkey
     """The blocking wrapper makes its own loop and HTTP client and returns `run()`'s result."""
     server.stream(Hang())
     server.on("GET", TRAINING, training("COMPLETED", round_=2, model=M2))
-    real = httpx.AsyncClient
-    # The client builds its HTTP client inside the new loop; route that one to the scripted server.
-    monkeypatch.setattr(
-        httpx, "AsyncClient", lambda **kw: real(transport=httpx.MockTransport(server.handler), **kw)
-    )
+    # The client makes its HTTP session inside the new loop; route that one to the scripted server.
+    monkeypatch.setattr(transport_module, "new_session", server.session)
 
     result = Client(BASE, TOKEN, fit=Recorder().fit, training_id=T, retry=FAST).run_sync()
 
@@ -635,17 +629,18 @@ async def test_a_model_that_comes_inline_is_not_downloaded(server: ScriptedServe
 
 
 async def test_clients_share_one_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every client the SDK makes verifies with the same TLS context, made once per process (building
+    """Every session the SDK makes verifies with the same TLS context, made once per process (building
     one loads the CA certificates: ~40 ms each, 40 s for 1,000 simulated clients)."""
     verify: list[object] = []
-    real = httpx.AsyncClient
+    real = aiohttp.TCPConnector
 
-    def recording(**kwargs: Any) -> httpx.AsyncClient:
-        verify.append(kwargs.get("verify"))
+    def recording(**kwargs: Any) -> aiohttp.TCPConnector:
+        verify.append(kwargs.get("ssl"))
         return real(**kwargs)
 
-    monkeypatch.setattr(httpx, "AsyncClient", recording)
+    monkeypatch.setattr(aiohttp, "TCPConnector", recording)
     for transport in (Transport("https://a.example", "t"), Transport("https://b.example", "u")):
+        assert not transport.http.closed
         await transport.aclose()
     assert len(verify) == 2
     assert verify[0] is verify[1] is shared_tls()
