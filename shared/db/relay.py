@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Coroutine, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import structlog
-from sqlalchemy import delete, select
+from sqlalchemy import Table, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.bus.base import Bus, Envelope
@@ -210,10 +210,8 @@ class OutboxRelay:
             try:
                 async with self._sessions() as session, session.begin():
                     await session.execute(
-                        delete(OutboxMessage).where(
-                            OutboxMessage.id.in_([row_id for row_id, _ in rows]),
-                            OutboxMessage.message_id.in_([envelope.message_id for _, envelope in rows]),
-                        )
+                        _DELETE_PUBLISHED,
+                        [{"row_id": row_id, "message_id": envelope.message_id} for row_id, envelope in rows],
                     )
             except Exception as exc:
                 self._published[:0] = rows  # still reserved: deleted on the next try
@@ -263,8 +261,17 @@ class OutboxRelay:
                         for r in mine
                     ]
                 )
-                await session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_([r.id for r in mine])))
+                await session.execute(_DELETE_POLLED, [{"row_id": r.id} for r in mine])
             return len(mine), rows[-1].id, len(rows) == self._batch
+
+
+_OUTBOX = cast(Table, OutboxMessage.__table__)
+_DELETE_POLLED = delete(_OUTBOX).where(_OUTBOX.c.id == bindparam("row_id"))
+_DELETE_PUBLISHED = _DELETE_POLLED.where(_OUTBOX.c.message_id == bindparam("message_id"))
+"""Outbox rows deleted one per parameter set, run as one executemany of a Core statement (its id,
+and for handed-over rows the message id too, in case SQLite gave a deleted row's id to a new one):
+the ORM's bulk delete with `IN` lists of a batch's ids cost the embedded server ~3% of its loop at
+B 1,000 (the ORM's pre-execution, the lists expanded and converted in Python on every run)."""
 
 
 def _run_inline(publish: Coroutine[Any, Any, None]) -> None:

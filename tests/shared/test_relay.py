@@ -156,3 +156,43 @@ async def test_the_in_memory_bus_gets_the_rows_in_the_committing_task(tmp_path):
         assert await outbox_rows(runtime) == 0
     finally:
         await runtime.close()
+
+
+async def test_deleting_a_published_row_spares_a_new_row_under_its_id(tmp_path):
+    """A handed-over row is deleted by its id and message id together: a row that SQLite gave the
+    same id meanwhile (ids of deleted rows are reused) stays, and a poll publishes it once."""
+    bus = GatedBus()
+    settings = CommonSettings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'fedhub.db'}",
+        blob_path=tmp_path / "blobs",
+        outbox_poll_s=60,
+    )
+    runtime = await Runtime.open(settings, bus=bus, create_tables=True)
+    try:
+        bus.gate.clear()
+        async with runtime.uow() as uow:
+            first = uow.emit(update_received())
+        await asyncio.wait_for(bus.waiting.wait(), 10)  # the hand-off is publishing it
+        async with runtime.uow() as uow:
+            row = await uow.session.scalar(select(OutboxMessage).where(OutboxMessage.message_id == first))
+            assert row is not None
+            reused_id, newcomer = row.id, uuid4()
+            await uow.session.delete(row)
+            await uow.session.flush()
+            uow.session.add(
+                OutboxMessage(
+                    id=reused_id,
+                    message_id=newcomer,
+                    type=row.type,
+                    routing_key=row.routing_key,
+                    body=row.body,
+                    correlation_id=None,
+                    created_at=row.created_at,
+                )
+            )
+        bus.gate.set()
+        await runtime.relay.drain()
+        assert bus.published == Counter({first: 1, newcomer: 1})
+        assert await outbox_rows(runtime) == 0
+    finally:
+        await runtime.close()
