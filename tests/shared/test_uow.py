@@ -9,7 +9,7 @@ from collections.abc import Callable
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from shared.bus import Envelope
@@ -263,3 +263,31 @@ async def test_a_unit_of_work_that_began_nothing_ends_nothing(runtime, monkeypat
     async with runtime.uow() as uow:
         await uow.session.scalar(select(func.count()).select_from(Principal))
     assert ended == ["commit"]
+
+
+async def test_a_session_left_with_nothing_is_not_closed(runtime, monkeypatch):
+    """At the end, a session with no transaction and no object holds no connection and nothing to
+    detach: it is dropped without a close. One still holding an object, or a transaction, is closed
+    (the object detached), and every connection is back in the pool either way."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    closed: list[AsyncSession] = []
+    real_close = AsyncSession.close
+
+    async def close(self: AsyncSession) -> None:
+        closed.append(self)
+        await real_close(self)
+
+    monkeypatch.setattr(AsyncSession, "close", close)
+    async with runtime.uow() as uow:
+        await uow.session.scalar(select(func.count()).select_from(Principal))  # Core: no object
+    assert closed == []
+    added = Principal(id=uuid4(), name="kept", role=Role.CLIENT, token_hash=uuid4().hex)
+    async with runtime.uow() as uow:
+        uow.session.add(added)
+    async with runtime.uow() as uow:
+        loaded = await uow.session.scalar(select(Principal).where(Principal.name == "kept"))
+        assert loaded is not None
+    assert len(closed) == 2, "the insert's session and the load's still held their objects"
+    assert inspect(added).detached and inspect(loaded).detached
+    assert runtime.engine.pool.checkedout() == 0
