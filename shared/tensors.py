@@ -20,11 +20,12 @@ if TYPE_CHECKING:
 
 # An IEEE float is NaN or Inf exactly when all its exponent bits are set; checking that on an
 # integer view works for every float width, bfloat16 included, without numpy knowing the type.
-_EXPONENT_MASK: Mapping[str, tuple[type[np.unsignedinteger[Any]], int]] = {
-    "float64": (np.uint64, 0x7FF0_0000_0000_0000),
-    "float32": (np.uint32, 0x7F80_0000),
-    "float16": (np.uint16, 0x7C00),
-    "bfloat16": (np.uint16, 0x7F80),
+# The masks are numpy scalars of the view's type, made once: per check, numpy then converts nothing.
+_EXPONENT_MASK: Mapping[str, tuple[type[np.unsignedinteger[Any]], np.unsignedinteger[Any]]] = {
+    "float64": (np.uint64, np.uint64(0x7FF0_0000_0000_0000)),
+    "float32": (np.uint32, np.uint32(0x7F80_0000)),
+    "float16": (np.uint16, np.uint16(0x7C00)),
+    "bfloat16": (np.uint16, np.uint16(0x7F80)),
 }
 
 TensorSpec = dict[str, tuple[str, tuple[int, ...]]]
@@ -43,8 +44,7 @@ def first_non_finite(records: Iterable[TensorRecord]) -> str | None:
             continue
         uint, mask = _EXPONENT_MASK[r.dtype]
         bits = np.frombuffer(r.data, dtype=uint)
-        exponent = np.bitwise_and(bits, uint(mask))
-        if np.any(exponent == uint(mask)):
+        if ((bits & mask) == mask).any():
             return r.name
     return None
 
