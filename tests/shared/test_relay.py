@@ -4,8 +4,10 @@ poll pass never republishes a handed-over row; rows no running relay took stay f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from uuid import uuid4
 
 from sqlalchemy import func, select
@@ -44,6 +46,21 @@ class GatedBus(InMemoryBus):
         await super().publish(envelopes)
 
 
+@contextlib.asynccontextmanager
+async def relay_runtime(tmp_path: Path, bus: InMemoryBus) -> AsyncIterator[Runtime]:
+    """A SQLite runtime over `bus` whose relay never polls on its own (a poll pass only by `drain`)."""
+    settings = CommonSettings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'fedhub.db'}",
+        blob_path=tmp_path / "blobs",
+        outbox_poll_s=60,
+    )
+    runtime = await Runtime.open(settings, bus=bus, create_tables=True)
+    try:
+        yield runtime
+    finally:
+        await runtime.close()
+
+
 async def test_committed_rows_are_published_in_commit_order(runtime):
     """Units of work committed one after another reach a consumer in that order, with no poll pass."""
     received = await listen(runtime, UpdateReceived.routing_key)
@@ -62,13 +79,7 @@ async def test_committed_rows_are_published_in_commit_order(runtime):
 async def test_a_poll_skips_a_handed_row_published_but_not_yet_deleted(tmp_path):
     """While a handed-over row's deletion waits for the writer's turn, a drain reads it and skips it."""
     bus = GatedBus()
-    settings = CommonSettings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'fedhub.db'}",
-        blob_path=tmp_path / "blobs",
-        outbox_poll_s=60,
-    )
-    runtime = await Runtime.open(settings, bus=bus, create_tables=True)
-    try:
+    async with relay_runtime(tmp_path, bus) as runtime:
         bus.gate.clear()
         async with runtime.uow() as uow:
             message_id = uow.emit(update_received())
@@ -87,8 +98,6 @@ async def test_a_poll_skips_a_handed_row_published_but_not_yet_deleted(tmp_path)
         assert await asyncio.wait_for(drain, 10) == 0, "the drain republished a handed-over row"
         assert bus.published[message_id] == 1
         assert await outbox_rows(runtime) == 0
-    finally:
-        await runtime.close()
 
 
 async def test_rows_committed_without_a_running_relay_stay_for_the_next(runtime):
@@ -140,13 +149,7 @@ async def test_the_in_memory_bus_gets_the_rows_in_the_committing_task(tmp_path):
     """On the in-memory bus a commit publishes its rows before the unit of work returns: no loop turn."""
     bus = GatedBus()
     bus.publish_completes_inline = True  # the gate stays open: its publish never suspends
-    settings = CommonSettings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'fedhub.db'}",
-        blob_path=tmp_path / "blobs",
-        outbox_poll_s=60,
-    )
-    runtime = await Runtime.open(settings, bus=bus, create_tables=True)
-    try:
+    async with relay_runtime(tmp_path, bus) as runtime:
         async with runtime.uow() as uow:
             first = uow.emit(update_received())
             second = uow.emit(update_received())
@@ -154,21 +157,13 @@ async def test_the_in_memory_bus_gets_the_rows_in_the_committing_task(tmp_path):
         await runtime.relay.drain()
         assert bus.published == Counter({first: 1, second: 1})
         assert await outbox_rows(runtime) == 0
-    finally:
-        await runtime.close()
 
 
 async def test_deleting_a_published_row_spares_a_new_row_under_its_id(tmp_path):
     """A handed-over row is deleted by its id and message id together: a row that SQLite gave the
     same id meanwhile (ids of deleted rows are reused) stays, and a poll publishes it once."""
     bus = GatedBus()
-    settings = CommonSettings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'fedhub.db'}",
-        blob_path=tmp_path / "blobs",
-        outbox_poll_s=60,
-    )
-    runtime = await Runtime.open(settings, bus=bus, create_tables=True)
-    try:
+    async with relay_runtime(tmp_path, bus) as runtime:
         bus.gate.clear()
         async with runtime.uow() as uow:
             first = uow.emit(update_received())
@@ -194,5 +189,3 @@ async def test_deleting_a_published_row_spares_a_new_row_under_its_id(tmp_path):
         await runtime.relay.drain()
         assert bus.published == Counter({first: 1, newcomer: 1})
         assert await outbox_rows(runtime) == 0
-    finally:
-        await runtime.close()
