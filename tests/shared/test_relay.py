@@ -8,7 +8,7 @@ import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from sqlalchemy import func, select
 
@@ -61,6 +61,15 @@ async def relay_runtime(tmp_path: Path, bus: InMemoryBus) -> AsyncIterator[Runti
         await runtime.close()
 
 
+async def held_in_publish(runtime: Runtime, bus: GatedBus) -> UUID:
+    """Commit one message with `bus`'s gate closed; its id, once its hand-off is publishing (held)."""
+    bus.gate.clear()
+    async with runtime.uow() as uow:
+        message_id = uow.emit(update_received())
+    await asyncio.wait_for(bus.waiting.wait(), 10)
+    return message_id
+
+
 async def test_committed_rows_are_published_in_commit_order(runtime):
     """Units of work committed one after another reach a consumer in that order, with no poll pass."""
     received = await listen(runtime, UpdateReceived.routing_key)
@@ -80,10 +89,7 @@ async def test_a_poll_skips_a_handed_row_published_but_not_yet_deleted(tmp_path)
     """While a handed-over row's deletion waits for the writer's turn, a drain reads it and skips it."""
     bus = GatedBus()
     async with relay_runtime(tmp_path, bus) as runtime:
-        bus.gate.clear()
-        async with runtime.uow() as uow:
-            message_id = uow.emit(update_received())
-        await asyncio.wait_for(bus.waiting.wait(), 10)  # the hand-off is publishing it
+        message_id = await held_in_publish(runtime, bus)
         # Hold the writer's turn, so the deletion that follows the publish has to wait.
         holder = runtime.uow.sessions()
         holder.add(InboxMessage(consumer="test-holder", message_id=uuid4()))
@@ -164,10 +170,7 @@ async def test_deleting_a_published_row_spares_a_new_row_under_its_id(tmp_path):
     same id meanwhile (ids of deleted rows are reused) stays, and a poll publishes it once."""
     bus = GatedBus()
     async with relay_runtime(tmp_path, bus) as runtime:
-        bus.gate.clear()
-        async with runtime.uow() as uow:
-            first = uow.emit(update_received())
-        await asyncio.wait_for(bus.waiting.wait(), 10)  # the hand-off is publishing it
+        first = await held_in_publish(runtime, bus)
         async with runtime.uow() as uow:
             row = await uow.session.scalar(select(OutboxMessage).where(OutboxMessage.message_id == first))
             assert row is not None
