@@ -7,9 +7,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 from uuid import UUID, uuid5
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db.models import Principal
@@ -117,17 +118,13 @@ class PrincipalCache:
                 self._entries.pop(token_hash)
 
 
-async def principal_for_token(session: AsyncSession, token: str) -> Principal:
-    """The principal a token belongs to, or `Unauthenticated`."""
-    return await _principal_by_hash(session, hash_token(token))
-
-
-async def _principal_by_hash(session: AsyncSession, token_hash: str) -> Principal:
-    principal = await session.scalar(select(Principal).where(Principal.token_hash == token_hash))
-    if principal is None:
-        AUTH_LOOKUPS.inc(source="unknown")
-        raise Unauthenticated("unknown bearer token")
-    return principal
+_PRINCIPALS = cast(Table, Principal.__table__)
+_CALLER_BY_HASH = select(_PRINCIPALS.c.id, _PRINCIPALS.c.name, _PRINCIPALS.c.role).where(
+    _PRINCIPALS.c.token_hash == bindparam("token_hash")
+)
+"""One Core statement, built once, for the three columns a `Caller` needs: the ORM entity query it
+replaces was built per lookup and loaded a whole `Principal` (at 1,000 clients, the round in which
+their cached callers expire cost the API 3-4x a cached round)."""
 
 
 async def caller_for_token(session: AsyncSession, token: str, cache: PrincipalCache | None = None) -> Caller:
@@ -136,9 +133,12 @@ async def caller_for_token(session: AsyncSession, token: str, cache: PrincipalCa
     if cache is not None and (cached := cache.get(token_hash)) is not None:
         AUTH_LOOKUPS.inc(source="cache")
         return cached
-    principal = await _principal_by_hash(session, token_hash)
+    row = (await session.execute(_CALLER_BY_HASH, {"token_hash": token_hash})).first()
+    if row is None:
+        AUTH_LOOKUPS.inc(source="unknown")
+        raise Unauthenticated("unknown bearer token")
     AUTH_LOOKUPS.inc(source="database")
-    caller = Caller(id=principal.id, name=principal.name, role=principal.role)
+    caller = Caller(id=row.id, name=row.name, role=row.role)
     if cache is not None:
         cache.put(token_hash, caller)
     return caller

@@ -57,6 +57,7 @@ async def test_a_token_is_looked_up_once_per_ttl(session: AsyncSession) -> None:
     first = await caller_for_token(session, token, cache)
     again = [await caller_for_token(session, token, cache) for _ in range(3)]
     assert first == Caller(id=principal.id, name="site", role=Role.CLIENT)
+    assert type(first.role) is Role
     assert again == [first] * 3
     assert _lookups("database") - database == 1
     assert _lookups("cache") - cached == 3
