@@ -45,7 +45,7 @@ from torch import nn
 
 from fedhub.client import ActorClient, Client
 from fedhub.client.retry import RetryPolicy
-from fedhub.client.transport import shared_tls
+from fedhub.client.transport import new_session
 from fedhub.demo import Server
 from fedhub.task import (
     NUM_CLASSES,
@@ -554,11 +554,8 @@ async def _run_training(
     def session(limit: int = 100) -> aiohttp.ClientSession:
         trace = aiohttp.TraceConfig()
         trace.on_request_start.append(count)
-        return aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=60.0, sock_read=300.0),
-            connector=aiohttp.TCPConnector(limit=limit, ssl=shared_tls()),
-            trace_configs=[trace],
-        )
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=60.0, sock_read=300.0)
+        return new_session(timeout=timeout, limit=limit, trace_configs=[trace])
 
     if config.shared_http:
         # One pool for every client: each holds an event stream open and makes a request or two at once.

@@ -27,6 +27,7 @@ from shared.aggregation import excluded_by
 from shared.codec import TensorRecord, decode_tensors, packb, tensor_map
 from shared.errors import MalformedPayload
 from shared.tensors import records_to_state_dict, state_dict_to_records
+from shared.threads import off_loop
 
 if TYPE_CHECKING:
     import torch
@@ -49,9 +50,7 @@ T = TypeVar("T")
 
 async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` inline for payloads up to `INLINE_BYTES`, else in a worker thread."""
-    if size <= INLINE_BYTES:
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)
+    return await off_loop(size <= INLINE_BYTES, fn, *args)
 
 
 def _tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import json as jsonlib
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +43,19 @@ def shared_tls() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def new_session() -> aiohttp.ClientSession:
-    """The HTTP session a client or transport makes for itself when it is given none."""
-    return aiohttp.ClientSession(timeout=DEFAULT_TIMEOUT, connector=aiohttp.TCPConnector(ssl=shared_tls()))
+def new_session(
+    *,
+    timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
+    limit: int = 100,
+    trace_configs: Sequence[aiohttp.TraceConfig] = (),
+) -> aiohttp.ClientSession:
+    """The HTTP session a client or transport makes for itself when it is given none (at most
+    `limit` connections at once); the benchmarks make theirs here too, with their own timeouts."""
+    return aiohttp.ClientSession(
+        timeout=timeout,
+        connector=aiohttp.TCPConnector(limit=limit, ssl=shared_tls()),
+        trace_configs=list(trace_configs) or None,
+    )
 
 
 def is_retryable_status(status_code: int) -> bool:
