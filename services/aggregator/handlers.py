@@ -1,9 +1,15 @@
 """The aggregator's handlers: an `AggregateRound` job in, a `ModelAggregated` or `AggregationFailed` out.
 
-The round itself runs in `services.aggregator.pipeline` (no database); this module persists what it
-gave, in one transaction: the model's row (with its method's `record` and the key of its server-state
-blob), its ensemble members' rows, the rejected updates' reasons, the update blobs' deletion marks
-and the outgoing event. Blobs (content-addressed) are written before that transaction.
+The round itself runs without the database in one of two engines: `services.aggregator.small`
+(numpy) when it `takes` the round (FedAvg or FedProx over a small model of float32, float16,
+integer and bool tensors: decided from the base model's row), else `services.aggregator.engine`
+(torch: `services.aggregator.pipeline` with every method, on the configured device), which
+`LazyEngine` imports with the first round that needs it, so an aggregator (the embedded process
+included) whose rounds are all small FedAvg never loads torch. Either engine stores the round's
+tensors and hands back a `rounds.StoredRound`; this module persists it, in one transaction: the
+model's row (with its method's `record` and the key of its server-state blob), its ensemble
+members' rows, the rejected updates' reasons, the update blobs' deletion marks and the outgoing
+event. Blobs (content-addressed) are written before that transaction.
 
 Idempotency: a round's global model has an id derived from (training id, round) (`round_model_id`).
 A job whose round already has its model row emits nothing and computes nothing: the first run wrote
@@ -31,37 +37,22 @@ the bus retries the job.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 from uuid import UUID, uuid5
 
 import structlog
-import torch
 from sqlalchemy import Table, bindparam, select, update
 
-from services.aggregator.methods import METHODS, Aggregate, Partial
-from services.aggregator.methods.buffers import BufferPool
 from services.aggregator.models import AggregationPart, AggregationPlan
-from services.aggregator.pipeline import (
-    JobRejected,
-    Rejection,
-    RoundOutcome,
-    aggregate_round,
-    decode_state_dict,
-    feed,
-    job_spec,
-    open_round,
-    read_blob,
-    runs_inline,
-)
-from services.aggregator.settings import AggregatorSettings, resolve_device
+from services.aggregator.rounds import JobRejected, Rejection, StoredRound, job_spec
+from services.aggregator.settings import AggregatorSettings
+from services.aggregator.small import run_small_round, takes
 from services.aggregator.split import Split, plan_split
-from shared.blobs import BlobStore, content_key
-from shared.codec import decode_message, encode_message, encode_tensors
+from shared.blobs import BlobStore
+from shared.codec import decode_message, encode_message
 from shared.db.models import ClientUpdate, Model, ModelMember, Training
 from shared.db.uow import UnitOfWork
 from shared.events import (
@@ -76,8 +67,9 @@ from shared.events import (
 )
 from shared.messaging import Handler
 from shared.metrics import REGISTRY
-from shared.tensors import state_dict_to_records
-from shared.threads import off_loop
+
+if TYPE_CHECKING:
+    from services.aggregator.engine import TorchEngine
 
 log = structlog.get_logger(component="aggregator")
 
@@ -111,45 +103,37 @@ def part_key(training_id: UUID, round_number: int, part: int) -> str:
     return f"part/{training_id}.{round_number}.{part}"
 
 
-@dataclass(frozen=True, slots=True)
-class StoredBlob:
-    """A tensor blob written to the store: its content key, digest, size and spec."""
+class LazyEngine:
+    """The torch engine (`services.aggregator.engine`), imported and built when first asked for.
 
-    key: str
-    digest: str
-    size: int
-    spec: dict[str, list[Any]]
+    An aggregator whose rounds all go to the numpy engine (`services.aggregator.small`) never
+    imports torch: ~240 MiB of memory and ~2 s of start-up it does not pay.
+    """
 
+    def __init__(self, settings: AggregatorSettings) -> None:
+        self._settings = settings
+        self._engine: TorchEngine | None = None
 
-@dataclass(frozen=True, slots=True)
-class _Stored:
-    model: StoredBlob
-    state: StoredBlob | None
-    members: list[StoredBlob]
+    @property
+    def loaded(self) -> bool:
+        """Whether the torch engine was built (torch imported)."""
+        return self._engine is not None
 
+    def get(self) -> TorchEngine:
+        """The engine; the first call imports torch and resolves the device (`DeviceUnavailable`)."""
+        if self._engine is None:
+            from services.aggregator.engine import TorchEngine
 
-def _encode(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, StoredBlob]:
-    records = state_dict_to_records(tensors)
-    data = encode_tensors(records)
-    key, digest = content_key(data)
-    spec = {r.name: [r.dtype, list(r.shape)] for r in records}
-    return data, StoredBlob(key=key, digest=digest, size=len(data), spec=spec)
-
-
-async def put_tensors(blobs: BlobStore, tensors: Mapping[str, torch.Tensor]) -> StoredBlob:
-    """Encode a state dict (off the event loop unless small) and store it under its content address."""
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    data, blob = await off_loop(runs_inline(size, 1), _encode, tensors)
-    # Written before the commit: if the transaction rolls back, the blob is an orphan under its own
-    # content address, which the retry rewrites (a no-op) rather than duplicates.
-    await blobs.put(blob.key, data)
-    return blob
+            self._engine = TorchEngine(self._settings)
+            log.info("aggregator.torch_loaded", device=str(self._engine.device))
+        return self._engine
 
 
 def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[type[Message], Handler]:
     """The aggregator's handler registry; its queue binds to exactly these message types."""
-    device = resolve_device(settings.device)
-    buffers = BufferPool(settings.buffer_pool_mib * 1024 * 1024)
+    engine = LazyEngine(settings)
+    if settings.device == "cuda":
+        engine.get()  # refuse a missing GPU at start, not at the first large round
 
     async def on_aggregate_round(job: AggregateRound, uow: UnitOfWork) -> None:
         """Aggregate the job's updates into a new global model, store it and announce it (or split it)."""
@@ -158,24 +142,16 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
         ):
             if await _round_model(uow, job.training_id, job.round) is not None:
                 return
-            split = await _split(job, uow, settings)
+            split = await _split(job, uow, settings, engine)
             if split is not None:
                 await _plan(job, split, uow)
                 return
-            lease = buffers.lease()
             try:
-                try:
-                    outcome = await aggregate_round(
-                        job, blobs, device, fold_window=settings.fold_window, buffers=lease
-                    )
-                except JobRejected as exc:
-                    await _fail(uow, job, exc)
-                    return
-                await record_round(job, outcome, blobs, uow)
-                # Stored and committed: the model's buffers serve the next round's accumulators.
-                lease.give_back(outcome.aggregate.model.values())
-            finally:
-                lease.close()
+                stored = await _compute(job, uow, settings, engine, blobs)
+            except JobRejected as exc:
+                await _fail(uow, job, exc)
+                return
+            await record_round(job, stored, uow, blobs)
 
     async def on_aggregate_part(part: AggregatePart, uow: UnitOfWork) -> None:
         """Compute one part of a split round, record it, and emit the combine job after the last part."""
@@ -191,7 +167,8 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
             if await uow.session.get(AggregationPart, (job.training_id, job.round, part.part)) is not None:
                 log.info("aggregation.part_already_done")
                 return
-            row = await _compute_part(part, blobs, device, settings.fold_window)
+            key = part_key(job.training_id, job.round, part.part)
+            row = await engine.get().compute_part(part, blobs, key)
             uow.session.add(row)
             await uow.session.flush()
             done, total = (
@@ -235,11 +212,11 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
             keys = [p.blob_key for p in parts if p.blob_key is not None]
             uow.after_commit(functools.partial(_delete_blobs, blobs, keys))
             try:
-                outcome = await _combine(job, plan.kind, parts, blobs, device)
+                stored = await engine.get().combine(job, plan.kind, parts, blobs)
             except JobRejected as exc:
                 await _fail(uow, job, exc)
                 return
-            await record_round(job, outcome, blobs, uow)
+            await record_round(job, stored, uow, blobs)
 
     return {
         AggregateRound: on_aggregate_round,
@@ -266,7 +243,26 @@ async def _fail(uow: UnitOfWork, job: AggregateRound, exc: JobRejected) -> None:
     )
 
 
-async def _split(job: AggregateRound, uow: UnitOfWork, settings: AggregatorSettings) -> Split | None:
+async def _compute(
+    job: AggregateRound, uow: UnitOfWork, settings: AggregatorSettings, engine: LazyEngine, blobs: BlobStore
+) -> StoredRound:
+    """Compute and store the round with the numpy engine when it `takes` it, else with torch's."""
+    spec = job_spec(job)
+    base = await uow.session.get(Model, job.base_model_id)
+    if base is not None and takes(
+        job,
+        spec,
+        {name: (dtype, tuple(shape)) for name, (dtype, shape) in base.spec.items()},
+        base.size_bytes,
+        settings.small_round_bytes,
+    ):
+        return await run_small_round(job, spec, blobs)
+    return await engine.get().run_round(job, blobs)
+
+
+async def _split(
+    job: AggregateRound, uow: UnitOfWork, settings: AggregatorSettings, engine: LazyEngine
+) -> Split | None:
     """How the round splits under the settings, or None for one job (a bad job fails as one job)."""
     if settings.batch_size is None or len(job.updates) <= settings.batch_size:
         return None
@@ -274,7 +270,7 @@ async def _split(job: AggregateRound, uow: UnitOfWork, settings: AggregatorSetti
         spec = job_spec(job)
     except JobRejected:
         return None
-    method_cls = METHODS.get(spec.method)
+    method_cls = engine.get().method_class(spec.method)
     if method_cls is None:
         return None
     base_spec = None
@@ -308,104 +304,11 @@ async def _plan(job: AggregateRound, split: Split, uow: UnitOfWork) -> None:
     log.info("aggregation.split", kind=split.kind, parts=len(split.parts), num_updates=len(job.updates))
 
 
-async def _compute_part(
-    part: AggregatePart, blobs: BlobStore, device: torch.device, fold_window: int
-) -> AggregationPart:
-    """Run one part and store its result; its row (not yet added) says what it took, left out or failed."""
-    job = part.round_job
-    row = AggregationPart(training_id=job.training_id, round=job.round, part=part.part, record={})
-    try:
-        pipeline = await open_round(job, blobs, device, tensors=part.tensors or None, fold_window=fold_window)
-    except JobRejected as exc:
-        row.failure, row.accepted, row.rejected = exc.detail, [], []
-        return row
-    await feed(pipeline, job.updates, blobs)
-    try:
-        if part.tensors:
-            shard = await asyncio.to_thread(pipeline.shard_result)
-            tensors = {f"model/{k}": v for k, v in shard.model.items()}
-            tensors.update({f"state/{k}": v for k, v in shard.state.items()})
-            row.record = shard.record
-        else:
-            tensors = (await asyncio.to_thread(pipeline.partial)).to_tensors()
-    except JobRejected as exc:
-        row.failure = exc.detail
-    else:
-        key = part_key(job.training_id, job.round, part.part)
-        data = await asyncio.to_thread(_encode, tensors)
-        await blobs.put(key, data[0])
-        row.blob_key = key
-    row.accepted = [str(r.update_id) for r in pipeline.accepted]
-    row.rejected = [[str(r.ref.update_id), r.reason] for r in pipeline.rejected]
-    return row
-
-
-async def _combine(
-    job: AggregateRound, kind: str, parts: Sequence[AggregationPart], blobs: BlobStore, device: torch.device
-) -> RoundOutcome:
-    """The round's outcome from its parts; `JobRejected` when a part failed or nothing was accepted."""
-    refs = {str(r.update_id): r for r in job.updates}
-    rejected: dict[str, Rejection] = {}
-    for p in parts:
-        for update_id, reason in p.rejected:
-            rejected.setdefault(update_id, Rejection(refs[update_id], reason))
-    failed = next((p for p in parts if p.failure is not None), None)
-    if failed is not None:
-        raise JobRejected(f"part {failed.part}: {failed.failure}", list(rejected.values()))
-    pipeline = await open_round(job, blobs, device)
-    if kind == "batches":
-        for p in parts:
-            assert p.blob_key is not None  # a part without failure stored its result
-            tensors = decode_state_dict(
-                await read_blob(blobs, p.blob_key, f"part {p.part}"), f"part {p.part}"
-            )
-            batch_rejected = [Rejection(refs[u], reason) for u, reason in p.rejected]
-            await asyncio.to_thread(
-                pipeline.merge_batch,
-                Partial.from_tensors(tensors),
-                [refs[u] for u in p.accepted],
-                batch_rejected,
-            )
-        return await asyncio.to_thread(pipeline.finish)
-    shards = []
-    for p in parts:
-        assert p.blob_key is not None
-        tensors = decode_state_dict(await read_blob(blobs, p.blob_key, f"part {p.part}"), f"part {p.part}")
-        shards.append(
-            Aggregate(
-                model={k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")},
-                state={k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")},
-                record=dict(p.record or {}),
-            )
-        )
-    accepted = [refs[u] for u in parts[0].accepted]
-    return await asyncio.to_thread(pipeline.finish_shards, shards, accepted, list(rejected.values()))
-
-
-async def _read_part(blobs: BlobStore, part: AggregationPart) -> dict[str, torch.Tensor]:
-    """A finished part's stored result."""
-    if part.blob_key is None:
-        raise JobRejected(f"part {part.part} stored no result")
-    what = f"part {part.part}"
-    data = await read_blob(blobs, part.blob_key, what)
-    return await asyncio.to_thread(decode_state_dict, data, what)
-
-
-async def store(outcome: RoundOutcome, blobs: BlobStore) -> _Stored:
-    """Store the round's model, server state and members (before the transaction)."""
-    aggregate = outcome.aggregate
-    model = await put_tensors(blobs, aggregate.model)
-    state = await put_tensors(blobs, aggregate.state) if aggregate.state else None
-    members = [await put_tensors(blobs, member) for member in aggregate.members]
-    return _Stored(model=model, state=state, members=members)
-
-
-async def record_round(job: AggregateRound, outcome: RoundOutcome, blobs: BlobStore, uow: UnitOfWork) -> None:
-    """Store the round's blobs, then its rows, rejections, deletion marks and event in one transaction."""
-    started = time.perf_counter()
-    stored = await store(outcome, blobs)
+async def record_round(job: AggregateRound, stored: StoredRound, uow: UnitOfWork, blobs: BlobStore) -> None:
+    """Record a stored round: its rows, rejections, deletion marks and event, in the unit of work's
+    transaction."""
     rows_started = time.perf_counter()
-    seconds = {**outcome.seconds, "store": rows_started - started}
+    seconds = dict(stored.seconds)
 
     def observe() -> None:
         seconds["commit"] = time.perf_counter() - rows_started
@@ -428,14 +331,14 @@ async def record_round(job: AggregateRound, outcome: RoundOutcome, blobs: BlobSt
             training_id=job.training_id,
             round=job.round,
             state_blob_key=stored.state.key if stored.state is not None else None,
-            record=outcome.aggregate.record,
+            record=stored.record,
         )
     )
     if stored.members:
         # The members' foreign key needs the model row first.
         await uow.session.flush()
         refs: Sequence[UpdateRef | None] = (
-            outcome.accepted if len(outcome.accepted) == len(stored.members) else [None] * len(stored.members)
+            stored.accepted if len(stored.accepted) == len(stored.members) else [None] * len(stored.members)
         )
         uow.session.add_all(
             ModelMember(
@@ -449,9 +352,9 @@ async def record_round(job: AggregateRound, outcome: RoundOutcome, blobs: BlobSt
             )
             for i, (m, ref) in enumerate(zip(stored.members, refs, strict=True))
         )
-    await mark_rejected(uow, outcome.rejected)
+    await mark_rejected(uow, stored.rejected)
     await _mark_deleted(job, blobs, uow)
-    num_examples = sum(r.num_examples for r in outcome.accepted)
+    num_examples = sum(r.num_examples for r in stored.accepted)
     uow.emit(
         ModelAggregated(
             job_id=job.job_id,
@@ -459,17 +362,17 @@ async def record_round(job: AggregateRound, outcome: RoundOutcome, blobs: BlobSt
             round=job.round,
             model_id=model_id,
             blob_key=model.key,
-            num_updates=len(outcome.accepted),
+            num_updates=len(stored.accepted),
             num_examples=num_examples,
-            num_rejected=len(outcome.rejected),
-            rejected=tuple(r.ref.update_id for r in outcome.rejected),
+            num_rejected=len(stored.rejected),
+            rejected=tuple(r.ref.update_id for r in stored.rejected),
         )
     )
     log.info(
         "round.aggregated",
         model_id=str(model_id),
-        num_updates=len(outcome.accepted),
-        num_rejected=len(outcome.rejected),
+        num_updates=len(stored.accepted),
+        num_rejected=len(stored.rejected),
         num_examples=num_examples,
         num_members=len(stored.members),
         size_bytes=model.size,

@@ -37,16 +37,11 @@ down) propagates, so the job is retried.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import UUID
 
-import structlog
 import torch
 
 from services.aggregator.methods import (
@@ -60,44 +55,25 @@ from services.aggregator.methods import (
 )
 from services.aggregator.methods.base import InvalidWeight, TooFewUpdates, UpdateMismatch
 from services.aggregator.methods.buffers import BufferLease
+from services.aggregator.rounds import (
+    Intake,
+    JobRejected,
+    Rejection,
+    UpdateCheck,
+    feed,
+    job_spec,
+    read_blob,
+    round_seed,
+    runs_inline,
+)
 from services.aggregator.transfer import DeviceTransfer
-from shared.aggregation import AggregationSpec, UpdateKind, parse_spec
+from shared.aggregation import AggregationSpec, UpdateKind
 from shared.blobs import BlobStore
-from shared.blobs.base import BlobNotFound
 from shared.codec import TensorRecord, decode_tensors
-from shared.errors import FedhubError, MalformedPayload
+from shared.errors import FedhubError
 from shared.events import AggregateRound, UpdateRef
-from shared.tensors import TensorSpec, check_against_spec, records_to_state_dict, to_torch
+from shared.tensors import records_to_state_dict, to_torch
 from shared.threads import off_loop
-
-log = structlog.get_logger(component="aggregator")
-
-
-class JobRejected(FedhubError):
-    """An aggregation job that cannot succeed however often it is retried; `detail` is the reason.
-
-    `rejected` lists the updates validation left out before the round failed (kept on their rows).
-    """
-
-    status_code = 422
-
-    def __init__(self, detail: str, rejected: Sequence[Rejection] = ()) -> None:
-        super().__init__(detail)
-        self.rejected = tuple(rejected)
-
-
-class UpdateRejected(FedhubError):
-    """One update cannot take part in its round; `detail` is the reason kept on its row."""
-
-    status_code = 422
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """An update left out of its round, and why."""
-
-    ref: UpdateRef
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,26 +85,6 @@ class RoundOutcome:
     rejected: tuple[Rejection, ...]
     seconds: Mapping[str, float] = field(default_factory=dict)
     """Time spent per stage (`read`, `decode`, `validate`, `aggregate`), for the aggregator's metrics."""
-
-
-def round_seed(training_id: UUID, round_number: int) -> int:
-    """The method's seed for a training's round: the same on every delivery and every process."""
-    digest = hashlib.sha256(f"{training_id}/{round_number}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def job_spec(job: AggregateRound) -> AggregationSpec:
-    """The aggregation a job asks for; `JobRejected` when it is not a valid one."""
-    try:
-        return parse_spec(
-            method=job.method,
-            params=dict(job.params),
-            update_kind=job.update_kind,
-            exclude_vars=job.exclude_vars,
-            max_update_norm=job.max_update_norm,
-        )
-    except MalformedPayload as exc:
-        raise JobRejected(f"the job's aggregation is not valid: {exc.detail}") from None
 
 
 def decode_state_dict(data: bytes, what: str) -> dict[str, torch.Tensor]:
@@ -143,11 +99,11 @@ DEFAULT_FOLD_WINDOW = 4
 """Decoded updates a round holds before a linear method folds them (``FEDHUB_AGGREGATOR_FOLD_WINDOW``)."""
 
 
-class RoundPipeline:
+class RoundPipeline(Intake[dict[str, torch.Tensor]]):
     """The synchronous core of a round: validate and convert each update, feed the method, finish.
 
-    Built over the decoded base model; `offer` takes one update's bytes and returns the reason it
-    was rejected (None when accepted); `finish` gives the outcome. Not thread-safe: one caller.
+    Built over the decoded base model; `offer` (see `rounds.Intake`) takes one update's bytes and
+    returns the reason it was rejected (None when accepted); `finish` gives the outcome.
     `fold_window`: updates held before a windowed linear method folds them (see the module doc).
     """
 
@@ -164,6 +120,7 @@ class RoundPipeline:
         fold_window: int = DEFAULT_FOLD_WINDOW,
         buffers: BufferLease | None = None,
     ) -> None:
+        super().__init__()
         if fold_window < 1:
             raise ValueError(f"fold_window must be at least 1, got {fold_window}")
         cls = method_cls if method_cls is not None else METHODS.get(spec.method)
@@ -172,13 +129,11 @@ class RoundPipeline:
             raise JobRejected(f"aggregation method {spec.method.value!r} is not available (known: {known})")
         self.spec = spec
         self._order = list(base)
-        self._excluded = {name: t for name, t in base.items() if spec.excluded(name)}
-        self._kept = {name: t for name, t in base.items() if name not in self._excluded}
-        self._spec: TensorSpec = {
-            name: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in self._kept.items()
-        }
-        if not self._kept:
-            raise JobRejected(f"exclude_vars {spec.exclude_vars!r} matches every tensor of the base model")
+        self._check = UpdateCheck.over(
+            spec, {name: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in base.items()}
+        )
+        self._excluded = {name: t for name, t in base.items() if name in self._check.excluded}
+        self._kept = {name: t for name, t in base.items() if name in self._check.kept}
         # A shard of a coordinate-wise round: updates are validated whole, the method sees its tensors.
         self._computed = list(self._kept) if tensors is None else list(tensors)
         unknown = [name for name in self._computed if name not in self._kept]
@@ -198,54 +153,16 @@ class RoundPipeline:
         self._transfer = DeviceTransfer(device)
         self._fold_window = fold_window
         self._windowed: LinearMethod | None = None
-        self.inline = False
-        """Set by `open_round`: whether this round's work runs on the event loop (`runs_inline`)."""
         if isinstance(self.method, LinearMethod) and self.method.folds_windows and fold_window > 1:
             self._windowed = self.method
         self._window: list[tuple[dict[str, torch.Tensor], float]] = []
-        self.accepted: list[UpdateRef] = []
-        self.rejected: list[Rejection] = []
-        self.seconds: defaultdict[str, float] = defaultdict(float)
-        """Time spent per stage so far: `decode`, `validate`, `aggregate` (and `read`, by `feed`)."""
-
-    def offer(self, ref: UpdateRef, data: bytes | None) -> str | None:
-        """Validate one update's bytes and add it to the method; the rejection reason, or None.
-
-        `data` None stands for an update whose blob is gone.
-        """
-        try:
-            if data is None:
-                raise UpdateRejected(f"blob {ref.blob_key!r} does not exist")
-            started = time.perf_counter()
-            records = decode_tensors(data)
-            decoded = time.perf_counter()
-            update = self.prepare(records)
-            validated = time.perf_counter()
-            moved = self._transfer.to_device({name: update[name] for name in self._computed})
-            self._add(moved, float(ref.num_examples))
-            self.seconds["decode"] += decoded - started
-            self.seconds["validate"] += validated - decoded
-            self.seconds["aggregate"] += time.perf_counter() - validated
-        except (UpdateRejected, UpdateMismatch, InvalidWeight) as exc:
-            reason = exc.detail if isinstance(exc, UpdateRejected) else f"{exc.name}: {exc.detail}"
-            return self._reject(ref, reason)
-        except FedhubError as exc:  # undecodable: MalformedPayload, UnsupportedDtype
-            return self._reject(ref, f"{exc.name}: {exc.detail}")
-        self.accepted.append(ref)
-        return None
 
     def prepare(self, records: Sequence[TensorRecord]) -> dict[str, torch.Tensor]:
         """An update's records as full weights over the kept tensors.
 
         Raises `UpdateRejected`, `TensorSpecMismatch` or `NonFiniteValues` saying why it cannot be used.
         """
-        excluded = sorted({r.name for r in records} & self._excluded.keys())
-        if excluded:
-            raise UpdateRejected(
-                f"tensors matching exclude_vars {self.spec.exclude_vars!r} must be left out: "
-                + ", ".join(excluded)
-            )
-        check_against_spec(records, self._spec)  # names, dtypes, shapes, finite values
+        self._check.records(records)  # excluded tensors, names, dtypes, shapes, finite values
         tensors = update_views(records)
         if self.spec.update_kind is UpdateKind.DELTA:
             self._check_norm(tensors, delta=True)
@@ -254,6 +171,11 @@ class RoundPipeline:
             self._check_norm(tensors, delta=False)
             full = {name: tensors[name] for name in self._kept}
         return full
+
+    def take(self, update: dict[str, torch.Tensor], weight: float) -> None:
+        """Move the update's computed tensors to the device and hand them to the method (or its
+        window); raises `UpdateMismatch` or `InvalidWeight` as the method refuses it."""
+        self._add(self._transfer.to_device({name: update[name] for name in self._computed}), weight)
 
     def finish(self) -> RoundOutcome:
         """The round's outcome; `JobRejected` when nothing was accepted or the method refuses."""
@@ -313,8 +235,7 @@ class RoundPipeline:
         return RoundOutcome(outcome, tuple(self.accepted), tuple(self.rejected))
 
     def _check_norm(self, tensors: Mapping[str, torch.Tensor], *, delta: bool) -> None:
-        bound = self.spec.max_update_norm
-        if bound is None:
+        if self.spec.max_update_norm is None:
             return
         total = 0.0
         for name, tensor in tensors.items():
@@ -324,9 +245,7 @@ class RoundPipeline:
             if not delta:
                 diff.sub_(self._kept[name])
             total += float(torch.dot(diff.reshape(-1), diff.reshape(-1)))
-        norm = math.sqrt(total)
-        if not norm <= bound:
-            raise UpdateRejected(f"update norm {norm:.6g} exceeds max_update_norm {bound:g}")
+        self._check.norm(total)
 
     def _add(self, update: dict[str, torch.Tensor], weight: float) -> None:
         """Hand an accepted update to the method: at once, or into the window (folded when full).
@@ -351,11 +270,7 @@ class RoundPipeline:
 
     def _result(self) -> Aggregate:
         self._fold()
-        if not self.accepted:
-            reasons = "; ".join(f"update {r.ref.update_id}: {r.reason}" for r in self.rejected)
-            raise JobRejected(
-                f"no update could be aggregated ({reasons or 'the job lists none'})", self.rejected
-            )
+        self.require_accepted()
         try:
             return self.method.result()
         except (NothingToAggregate, TooFewUpdates) as exc:
@@ -373,13 +288,6 @@ class RoundPipeline:
                 raise RuntimeError(f"{type(self.method).__name__} left tensor {name!r} out of its {what}")
         return out
 
-    def _reject(self, ref: UpdateRef, reason: str) -> str:
-        self.rejected.append(Rejection(ref, reason))
-        log.warning(
-            "update.rejected", update_id=str(ref.update_id), client_id=str(ref.client_id), reason=reason
-        )
-        return reason
-
 
 def update_views(records: Sequence[TensorRecord]) -> dict[str, torch.Tensor]:
     """An update's tensors as views of the decoded bytes: no copy, no per-element work.
@@ -395,28 +303,6 @@ def _plus(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     if base.dtype == torch.bool:
         return torch.logical_xor(base, delta)
     return torch.add(base, delta)
-
-
-async def read_blob(blobs: BlobStore, key: str, what: str) -> bytes:
-    """A blob the job cannot do without; `JobRejected` naming `what` when it does not exist."""
-    try:
-        return await blobs.get(key)
-    except BlobNotFound:
-        raise JobRejected(f"{what}: blob {key!r} does not exist") from None
-    except ValueError as exc:  # a key the store refuses outright
-        raise JobRejected(f"{what}: {exc}") from None
-
-
-INLINE_WORK_BYTES = 256 * 1024
-"""A round whose base model's bytes times its updates is at most this runs its decoding, checks and
-aggregation on the event loop instead of in a worker thread: a few hundred microseconds of work,
-where each of the round's ~8 thread hops waited milliseconds for its turn on a busy loop (workload
-A: an 18 KiB model, 8 updates). Larger rounds keep the loop free."""
-
-
-def runs_inline(model_bytes: int, updates: int) -> bool:
-    """Whether a round of this size is computed on the event loop (`INLINE_WORK_BYTES`)."""
-    return model_bytes * max(1, updates) <= INLINE_WORK_BYTES
 
 
 async def open_round(
@@ -458,38 +344,6 @@ async def open_round(
     )
     pipeline.inline = inline
     return pipeline
-
-
-FEED_BYTES = 64 * 1024 * 1024
-"""Update bytes held at once while feeding a round: small updates are read and offered in batches
-up to this size (one thread hop per batch instead of one per update), larger ones one at a time."""
-FEED_MAX_UPDATES = 256
-"""Updates per batch at most, however small."""
-
-
-async def feed(pipeline: RoundPipeline, refs: Sequence[UpdateRef], blobs: BlobStore) -> None:
-    """Offer `refs` to the pipeline in order, in batches of at most `FEED_BYTES` of update bytes.
-
-    The first update is read alone; its size (a round's updates are alike) sets how many are read
-    at once after it, in one `BlobStore.get_many` (one query on PostgreSQL); an update whose blob is
-    gone reads as None and is rejected. A batch's bytes are dropped before the next batch is read.
-    """
-    window, start = 1, 0
-    while start < len(refs):
-        batch = refs[start : start + window]
-        started = time.perf_counter()
-        datas = await blobs.get_many([ref.blob_key for ref in batch])
-        pipeline.seconds["read"] += time.perf_counter() - started
-        await off_loop(pipeline.inline, _offer_all, pipeline, batch, datas)
-        largest = max((len(d) for d in datas if d is not None), default=0)
-        del datas
-        window = max(1, min(FEED_MAX_UPDATES, FEED_BYTES // max(largest, 1)))
-        start += len(batch)
-
-
-def _offer_all(pipeline: RoundPipeline, refs: Sequence[UpdateRef], datas: list[bytes | None]) -> None:
-    for ref, data in zip(refs, datas, strict=True):
-        pipeline.offer(ref, data)
 
 
 async def aggregate_round(

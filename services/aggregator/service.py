@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import structlog
-import torch
 
 from services.aggregator.handlers import build_handlers
 from services.aggregator.settings import AggregatorSettings
@@ -34,9 +33,7 @@ class Aggregator:
         self._held = asyncio.Event()
 
     async def start(self) -> None:
-        """Apply the torch settings and start consuming."""
-        if self.settings.torch_threads is not None:
-            torch.set_num_threads(self.settings.torch_threads)
+        """Start consuming (torch and its settings load with the first round that needs them)."""
         await self.runtime.bus.subscribe(
             self._consumer.name, self._consumer.routing_keys, self._deliver, prefetch=self.settings.prefetch
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -18,7 +17,7 @@ class DeviceUnavailable(FedhubError):
 
 class AggregatorSettings(CommonSettings):
     """`FEDHUB_*` shared settings plus `FEDHUB_AGGREGATOR_DEVICE`, `_PREFETCH`, `_TORCH_THREADS`,
-    `_BATCH_SIZE`, `_SHARDS` and `_FOLD_WINDOW`."""
+    `_BATCH_SIZE`, `_SHARDS`, `_BUFFER_POOL_MIB`, `_FOLD_WINDOW` and `_SMALL_ROUND_BYTES`."""
 
     # The aggregator's own fields read FEDHUB_AGGREGATOR_*: in embedded mode one environment
     # configures every service, and a service-specific name says whose `prefetch` it is.
@@ -76,6 +75,16 @@ class AggregatorSettings(CommonSettings):
             "each update as it comes"
         ),
     )
+    small_round_bytes: int = Field(
+        default=1024 * 1024,
+        ge=0,
+        validation_alias="FEDHUB_AGGREGATOR_SMALL_ROUND_BYTES",
+        description=(
+            "FedAvg and FedProx rounds over a base model of at most this many bytes (float32, float16, "
+            "integer and bool tensors) are averaged with numpy on the CPU, bit for bit as torch would, "
+            "without loading torch; 0 sends every round to torch"
+        ),
+    )
     health_host: str = Field(
         default="0.0.0.0",
         validation_alias="FEDHUB_AGGREGATOR_HEALTH_HOST",
@@ -87,12 +96,3 @@ class AggregatorSettings(CommonSettings):
         validation_alias="FEDHUB_AGGREGATOR_HEALTH_PORT",
         description="probe port; 0 picks a free one (several replicas on one host)",
     )
-
-
-def resolve_device(choice: Literal["auto", "cpu", "cuda"]) -> torch.device:
-    """The torch device a `device` setting names; `cuda` without a visible GPU is refused."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable("device 'cuda' was asked for but torch sees no CUDA GPU")
-    return torch.device(choice)

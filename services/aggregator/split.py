@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from services.aggregator.methods import LinearMethod, Method
 from shared.aggregation import AggregationSpec
 from shared.events import AggregatePart, AggregateRound
+
+if TYPE_CHECKING:
+    from services.aggregator.methods import Method
 
 Kind = Literal["batches", "shards"]
 
@@ -54,6 +56,9 @@ def plan_split(
     n = len(job.updates)
     if batch_size is None or n <= batch_size:
         return None
+    # Here, not at the top: the methods import torch, which an aggregator never splitting never loads.
+    from services.aggregator.methods import LinearMethod
+
     if issubclass(method_cls, LinearMethod):
         batches = [job.updates[i : i + batch_size] for i in range(0, n, batch_size)]
         return Split(

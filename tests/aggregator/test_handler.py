@@ -8,6 +8,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 from uuid import UUID, uuid4
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from services.aggregator import handlers, pipeline
+from services.aggregator import engine, handlers, pipeline
 from services.aggregator.handlers import round_model_id
 from services.aggregator.service import Aggregator
 from shared.aggregation import AggregationMethod
@@ -52,6 +53,13 @@ def model_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
+def float32_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A small model the numpy engine takes: float32, integer and bool tensors (no float64)."""
+    state = model_state(gen)
+    state["bn.running_mean"] = state["bn.running_mean"].float()
+    return state
+
+
 def encode(state: dict[str, torch.Tensor]) -> bytes:
     """The canonical blob of a state dict."""
     return encode_tensors(state_dict_to_records(state))
@@ -69,14 +77,23 @@ class Round:
     job: AggregateRound
 
 
-async def seed_round(runtime: Runtime, *, delete_updates_after: bool = True, seed: int = 0) -> Round:
-    """Create a principal, a model, a training and three client updates, rows and blobs."""
+async def seed_round(
+    runtime: Runtime,
+    *,
+    delete_updates_after: bool = True,
+    seed: int = 0,
+    make_state: Callable[[torch.Generator], dict[str, torch.Tensor]] = model_state,
+) -> Round:
+    """Create a principal, a model, a training and three client updates, rows and blobs.
+
+    The default model has a float64 tensor, so its FedAvg rounds go to the torch engine.
+    """
     gen = torch.Generator().manual_seed(seed)
     owner = Principal(id=uuid4(), name="owner", role=Role.ACTOR, token_hash=uuid4().hex)
     clients = [
         Principal(id=uuid4(), name=f"client-{i}", role=Role.CLIENT, token_hash=uuid4().hex) for i in range(3)
     ]
-    base = model_state(gen)
+    base = make_state(gen)
     base_bytes = encode(base)
     base_key, base_digest = content_key(base_bytes)
     await runtime.blobs.put(base_key, base_bytes)
@@ -104,7 +121,7 @@ async def seed_round(runtime: Runtime, *, delete_updates_after: bool = True, see
     )
     updates, weights, rows, refs = [], [12, 30, 7], [], []
     for client, weight in zip(clients, weights, strict=True):
-        state = model_state(gen)
+        state = make_state(gen)
         data = encode(state)
         update_id = uuid4()
         await runtime.blobs.put(update_key(update_id), data)
@@ -594,6 +611,41 @@ async def one_stored_round(settings, runtime: Runtime, outcomes: Outcomes) -> di
     return result
 
 
+@pytest.mark.parametrize("small_round_bytes", [1 << 20, 0])
+async def test_small_fedavg_rounds_are_averaged_without_torch_to_the_same_model(
+    settings, runtime, outcomes, monkeypatch, small_round_bytes
+):
+    """A float32 FedAvg round under FEDHUB_AGGREGATOR_SMALL_ROUND_BYTES never builds the torch engine
+    (at 0 it does); either way the stored model is the torch pipeline's, byte for byte (its content
+    address), and the float64 weighted mean to float32 precision."""
+    engines: list[handlers.LazyEngine] = []
+    real_engine = handlers.LazyEngine
+
+    def noting_engine(s: Any) -> handlers.LazyEngine:
+        engines.append(real_engine(s))
+        return engines[-1]
+
+    monkeypatch.setattr(handlers, "LazyEngine", noting_engine)
+    service = Aggregator(settings.model_copy(update={"small_round_bytes": small_round_bytes}), runtime)
+    await service.start()
+    try:
+        r = await seed_round(runtime, delete_updates_after=False, seed=11, make_state=float32_state)
+        await runtime.bus.publish([envelope_for(r.job)])
+        await settle(runtime, outcomes)
+    finally:
+        await service.stop()
+    assert [e.loaded for e in engines] == [small_round_bytes == 0]
+    model = await model_of(runtime, r.training_id)
+    assert model is not None
+    by_torch = await pipeline.aggregate_round(r.job, runtime.blobs, torch.device("cpu"))
+    assert model.blob_key == content_key(encode(by_torch.aggregate.model))[0]
+    result = records_to_state_dict(decode_tensors(await runtime.blobs.get(model.blob_key)))
+    expected = expected_average(r)
+    for name in ("fc.weight", "bn.running_mean"):
+        np.testing.assert_allclose(result[name].numpy(), expected[name], rtol=1e-5, atol=1e-6)
+    assert [m.num_updates for m in outcomes.aggregated] == [3]
+
+
 @pytest.mark.parametrize("window", [1, 3])
 async def test_the_fold_window_setting_reaches_the_round(settings, runtime, outcomes, monkeypatch, window):
     """FEDHUB_AGGREGATOR_FOLD_WINDOW is what the handler hands the pipeline; the model is the same."""
@@ -615,14 +667,14 @@ async def test_a_stored_round_gives_its_model_buffers_to_the_pool(
 ):
     """The handler gives the model's buffers back only after the round is stored; the stored model
     is the expected one either way, and FEDHUB_AGGREGATOR_BUFFER_POOL_MIB 0 keeps nothing."""
-    pools: list[handlers.BufferPool] = []
-    real_pool = handlers.BufferPool
+    pools: list[engine.BufferPool] = []
+    real_pool = engine.BufferPool
 
-    def noting_pool(max_bytes: int) -> handlers.BufferPool:
+    def noting_pool(max_bytes: int) -> engine.BufferPool:
         pools.append(real_pool(max_bytes))
         return pools[-1]
 
-    monkeypatch.setattr(handlers, "BufferPool", noting_pool)
+    monkeypatch.setattr(engine, "BufferPool", noting_pool)
     result = await one_stored_round(
         settings.model_copy(update={"buffer_pool_mib": pool_mib}), runtime, outcomes
     )

@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.aggregator import pipeline as pipeline_module
+from services.aggregator import rounds
 from services.aggregator.methods import DPFedAvg, FedAvg, RoundContext
-from services.aggregator.pipeline import (
-    DEFAULT_FOLD_WINDOW,
-    JobRejected,
-    RoundPipeline,
-    aggregate_round,
-    feed,
-    job_spec,
-    round_seed,
-    update_views,
-)
+from services.aggregator.pipeline import DEFAULT_FOLD_WINDOW, RoundPipeline, aggregate_round, update_views
+from services.aggregator.rounds import JobRejected, feed, job_spec, round_seed
 from services.aggregator.settings import AggregatorSettings
 from shared import threads
 from shared.aggregation import AggregationMethod, AggregationSpec, MethodParams
@@ -316,7 +308,7 @@ async def test_feed_reads_small_updates_in_batches_within_the_byte_budget(
         data = b"not msgpack" if i == 17 else encode({k: v.clone() for k, v in base.items()})
         size = max(size, len(data))
         await blobs.put(r.blob_key, data)
-    monkeypatch.setattr(pipeline_module, "FEED_BYTES", 5 * size)
+    monkeypatch.setattr(rounds, "FEED_BYTES", 5 * size)
     p = pipeline(base)
     await feed(p, refs, blobs)
     assert 1 < blobs.most_in_flight <= 5, "batched reads, within the budget"
@@ -473,7 +465,7 @@ async def test_a_small_round_is_computed_on_the_loop_a_large_one_in_threads(
 
     monkeypatch.setattr(threads.asyncio, "to_thread", counting)
     outcome = await aggregate_round(job, blobs, CPU)
-    small = pipeline_module.runs_inline(len(base_bytes), updates)
+    small = rounds.runs_inline(len(base_bytes), updates)
     assert small is (updates == 6)
     work = [h for h in hops if h not in ("read_bytes", "_read_all")]  # the blob store's own reads
     if small:

@@ -13,8 +13,9 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from services.aggregator.engine import resolve_device
 from services.aggregator.service import Aggregator
-from services.aggregator.settings import AggregatorSettings, DeviceUnavailable, resolve_device
+from services.aggregator.settings import AggregatorSettings, DeviceUnavailable
 from shared.blobs import content_key
 from shared.bus import envelope_for
 from shared.codec import encode_tensors

@@ -18,7 +18,7 @@ from fedhub.client.types import FitFn
 from fedhub.embedded import EmbeddedServer, EmbeddedSettings
 from fedhub.task import DemoWorkload
 from services.aggregator.methods import METHODS, RoundContext
-from services.aggregator.pipeline import round_seed
+from services.aggregator.rounds import round_seed
 from shared.aggregation import AggregationMethod, method_params
 from shared.codec import decode_tensors
 from shared.db.models import ClientUpdate, Model

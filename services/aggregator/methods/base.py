@@ -26,18 +26,13 @@ from typing import Any, ClassVar
 import torch
 
 from services.aggregator.methods.buffers import BufferLease
+from services.aggregator.rounds import InvalidWeight as InvalidWeight
 from shared.aggregation import AggregationMethod, MethodParams
 from shared.errors import FedhubError, TensorSpecMismatch
 
 
 class NothingToAggregate(FedhubError):
     """`result()` was asked for while no update with a positive weight had been added."""
-
-    status_code = 422
-
-
-class InvalidWeight(FedhubError):
-    """An update's weight is negative, NaN or infinite."""
 
     status_code = 422
 
