@@ -37,6 +37,7 @@ the bus retries the job.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Mapping, Sequence
@@ -107,33 +108,49 @@ class LazyEngine:
     """The torch engine (`services.aggregator.engine`), imported and built when first asked for.
 
     An aggregator whose rounds all go to the numpy engine (`services.aggregator.small`) never
-    imports torch: ~240 MiB of memory and ~2 s of start-up it does not pay.
+    imports torch: ~240 MiB of memory and ~2 s of start-up it does not pay. The first round that
+    needs torch imports it in a worker thread (`get`): on the event loop the import would stop
+    every other task of the process (the embedded server's API and streams too) for its ~2-3 s; in
+    a thread the loop still runs, with pauses of a few hundred milliseconds at most.
     """
 
     def __init__(self, settings: AggregatorSettings) -> None:
         self._settings = settings
         self._engine: TorchEngine | None = None
+        self._lock = asyncio.Lock()
 
     @property
     def loaded(self) -> bool:
         """Whether the torch engine was built (torch imported)."""
         return self._engine is not None
 
-    def get(self) -> TorchEngine:
-        """The engine; the first call imports torch and resolves the device (`DeviceUnavailable`)."""
+    def load(self) -> TorchEngine:
+        """Build the engine now, on the calling thread (start-up: `DeviceUnavailable` at once)."""
         if self._engine is None:
-            from services.aggregator.engine import TorchEngine
-
-            self._engine = TorchEngine(self._settings)
-            log.info("aggregator.torch_loaded", device=str(self._engine.device))
+            self._engine = self._build()
         return self._engine
+
+    async def get(self) -> TorchEngine:
+        """The engine, built once (in a worker thread) however many rounds ask at the same time."""
+        if self._engine is None:
+            async with self._lock:
+                if self._engine is None:
+                    self._engine = await asyncio.to_thread(self._build)
+        return self._engine
+
+    def _build(self) -> TorchEngine:
+        from services.aggregator.engine import TorchEngine
+
+        engine = TorchEngine(self._settings)
+        log.info("aggregator.torch_loaded", device=str(engine.device))
+        return engine
 
 
 def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[type[Message], Handler]:
     """The aggregator's handler registry; its queue binds to exactly these message types."""
     engine = LazyEngine(settings)
     if settings.device == "cuda":
-        engine.get()  # refuse a missing GPU at start, not at the first large round
+        engine.load()  # refuse a missing GPU at start, not at the first large round
 
     async def on_aggregate_round(job: AggregateRound, uow: UnitOfWork) -> None:
         """Aggregate the job's updates into a new global model, store it and announce it (or split it)."""
@@ -168,7 +185,7 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
                 log.info("aggregation.part_already_done")
                 return
             key = part_key(job.training_id, job.round, part.part)
-            row = await engine.get().compute_part(part, blobs, key)
+            row = await (await engine.get()).compute_part(part, blobs, key)
             uow.session.add(row)
             await uow.session.flush()
             done, total = (
@@ -212,7 +229,7 @@ def build_handlers(settings: AggregatorSettings, blobs: BlobStore) -> Mapping[ty
             keys = [p.blob_key for p in parts if p.blob_key is not None]
             uow.after_commit(functools.partial(_delete_blobs, blobs, keys))
             try:
-                stored = await engine.get().combine(job, plan.kind, parts, blobs)
+                stored = await (await engine.get()).combine(job, plan.kind, parts, blobs)
             except JobRejected as exc:
                 await _fail(uow, job, exc)
                 return
@@ -257,7 +274,7 @@ async def _compute(
         settings.small_round_bytes,
     ):
         return await run_small_round(job, spec, blobs)
-    return await engine.get().run_round(job, blobs)
+    return await (await engine.get()).run_round(job, blobs)
 
 
 async def _split(
@@ -270,7 +287,7 @@ async def _split(
         spec = job_spec(job)
     except JobRejected:
         return None
-    method_cls = engine.get().method_class(spec.method)
+    method_cls = (await engine.get()).method_class(spec.method)
     if method_cls is None:
         return None
     base_spec = None

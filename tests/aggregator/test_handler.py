@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -644,6 +645,25 @@ async def test_small_fedavg_rounds_are_averaged_without_torch_to_the_same_model(
     for name in ("fc.weight", "bn.running_mean"):
         np.testing.assert_allclose(result[name].numpy(), expected[name], rtol=1e-5, atol=1e-6)
     assert [m.num_updates for m in outcomes.aggregated] == [3]
+
+
+async def test_the_torch_engine_is_built_once_and_off_the_event_loop(settings, monkeypatch):
+    """Rounds asking for the torch engine at the same time get one engine, built in a worker thread:
+    importing torch on the loop would stop every other task of the process for seconds."""
+    built: list[int] = []
+
+    class NotingEngine(engine.TorchEngine):
+        def __init__(self, s: Any) -> None:
+            built.append(threading.get_ident())
+            super().__init__(s)
+
+    monkeypatch.setattr(engine, "TorchEngine", NotingEngine)
+    lazy = handlers.LazyEngine(settings)
+    assert not lazy.loaded
+    first, second = await asyncio.gather(lazy.get(), lazy.get())
+    assert first is second and isinstance(first, NotingEngine) and lazy.loaded
+    assert len(built) == 1 and built[0] != threading.get_ident()
+    assert await lazy.get() is first
 
 
 @pytest.mark.parametrize("window", [1, 3])
