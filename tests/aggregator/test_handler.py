@@ -666,6 +666,17 @@ async def test_the_torch_engine_is_built_once_and_off_the_event_loop(settings, m
     assert await lazy.get() is first
 
 
+@pytest.mark.parametrize("frozen", [0, 120_000])
+async def test_a_process_that_froze_its_startup_heap_freezes_torch_too(settings, monkeypatch, frozen):
+    """Loading the torch engine in a serving process (start-up heap frozen) freezes torch's objects
+    as well, so full collections do not walk them; a process that froze nothing is left alone."""
+    freezes: list[bool] = []
+    monkeypatch.setattr(handlers.gc, "get_freeze_count", lambda: frozen)
+    monkeypatch.setattr(handlers.gc, "freeze", lambda: freezes.append(True))
+    await handlers.LazyEngine(settings).get()
+    assert freezes == ([True] if frozen else [])
+
+
 @pytest.mark.parametrize("window", [1, 3])
 async def test_the_fold_window_setting_reaches_the_round(settings, runtime, outcomes, monkeypatch, window):
     """FEDHUB_AGGREGATOR_FOLD_WINDOW is what the handler hands the pipeline; the model is the same."""
