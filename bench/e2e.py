@@ -412,6 +412,11 @@ def profile_split(before: Samples, after: Samples, rounds: int) -> dict[str, Any
     out["aggregation"] = {
         "job": _phase(d, "fedhub_message_handle_seconds", rounds, consumer="aggregator"),
         "stages": stages,
+        "rounds_by_engine": {
+            dict(labels)["engine"]: round(n)
+            for (name, labels), n in d.items()
+            if name == "fedhub_aggregator_rounds_total" and n
+        },
     }
     triggers: dict[str, Any] = {}
     for on in _label_values(d, "fedhub_orchestrator_trigger_seconds", "on"):
@@ -854,6 +859,12 @@ def profile_text(results: dict[str, Any]) -> str:
                 f"| {name} | {phase['count'] / rounds:.1f} | {phase['mean_s'] * 1000:.2f} "
                 f"| {phase['per_round_s']:.4f} |"
             )
+        engines = profile["aggregation"].get("rounds_by_engine") or {}
+        if engines:
+            lines += [
+                "",
+                "rounds aggregated by engine: " + ", ".join(f"{k} {v}" for k, v in sorted(engines.items())),
+            ]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

@@ -176,6 +176,7 @@ async def store(outcome: RoundOutcome, blobs: BlobStore) -> StoredRound:
     state = await put_tensors(blobs, aggregate.state) if aggregate.state else None
     members = [await put_tensors(blobs, member) for member in aggregate.members]
     return StoredRound(
+        engine="torch",
         model=model,
         state=state,
         members=members,

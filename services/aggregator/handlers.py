@@ -82,6 +82,12 @@ STAGE_SECONDS = REGISTRY.histogram(
     ("stage",),
 )
 
+ROUNDS = REGISTRY.counter(
+    "fedhub_aggregator_rounds_total",
+    "Rounds recorded, by the engine that computed them: numpy (small FedAvg and FedProx) or torch",
+    ("engine",),
+)
+
 _ROUND_MODEL_NAMESPACE = UUID("6f1d8a52-3c0e-4f4b-9a57-2b8e64c1d0a9")
 _PART_NAMESPACE = UUID("1c0f3e8a-7b52-4d8e-9a1e-5f2b6c3d4e71")
 
@@ -336,6 +342,7 @@ async def record_round(job: AggregateRound, stored: StoredRound, uow: UnitOfWork
         seconds["commit"] = time.perf_counter() - rows_started
         for stage, value in seconds.items():
             STAGE_SECONDS.observe(value, stage=stage)
+        ROUNDS.inc(engine=stored.engine)
 
     uow.after_commit(observe)
     owner_id = await uow.session.scalar(select(Training.owner_id).where(Training.id == job.training_id))

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from uuid import UUID
 
 import structlog
@@ -283,6 +283,8 @@ async def put_records(blobs: BlobStore, records: Sequence[TensorRecord]) -> Stor
 class StoredRound:
     """A computed round whose blobs are stored, ready for its rows: what either engine hands back."""
 
+    engine: Literal["numpy", "torch"]
+    """Which engine computed the round (`fedhub_aggregator_rounds_total`)."""
     model: StoredBlob
     state: StoredBlob | None
     members: list[StoredBlob]

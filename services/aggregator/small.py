@@ -95,6 +95,7 @@ async def run_small_round(job: AggregateRound, spec: AggregationSpec, blobs: Blo
     started = time.perf_counter()
     stored = await put_records(blobs, model)
     return StoredRound(
+        engine="numpy",
         model=stored,
         state=None,
         members=[],

@@ -627,6 +627,8 @@ async def test_small_fedavg_rounds_are_averaged_without_torch_to_the_same_model(
         return engines[-1]
 
     monkeypatch.setattr(handlers, "LazyEngine", noting_engine)
+    engine_name = "torch" if small_round_bytes == 0 else "numpy"
+    recorded = handlers.ROUNDS.value(engine=engine_name)
     service = Aggregator(settings.model_copy(update={"small_round_bytes": small_round_bytes}), runtime)
     await service.start()
     try:
@@ -636,6 +638,7 @@ async def test_small_fedavg_rounds_are_averaged_without_torch_to_the_same_model(
     finally:
         await service.stop()
     assert [e.loaded for e in engines] == [small_round_bytes == 0]
+    assert handlers.ROUNDS.value(engine=engine_name) == recorded + 1
     model = await model_of(runtime, r.training_id)
     assert model is not None
     by_torch = await pipeline.aggregate_round(r.job, runtime.blobs, torch.device("cpu"))

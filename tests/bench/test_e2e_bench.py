@@ -74,6 +74,8 @@ def _check_profile(leaf: dict[str, Any], clients: int, rounds: int, *, tests: bo
         profile["aggregation"]["stages"]
     )
     assert profile["trigger"]["UpdateReceived -> aggregation"]["count"] == rounds
+    # Both workloads average small float32 models: every round on the numpy engine, torch never loaded.
+    assert profile["aggregation"]["rounds_by_engine"] == {"numpy": rounds}
     streamed = profile["fan_out"]["issued_to_stream"]["count"]
     assert streamed >= clients * rounds, "each client's stream got each round's notification"
     assert profile["upload"]["per_round_s"] > 0
