@@ -100,6 +100,45 @@ def test_the_numpy_round_is_the_torch_round_bit_for_bit(updates, kind):
     assert ours.accepted == theirs.accepted
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_random_models_and_weights_match_torch_bit_for_bit(seed):
+    """Random tensor counts, shapes (scalars, vector tails), dtypes and weights (zeros, ties: equal
+    weights make the second step's weight exactly 0.5, torch's switch between its two lerp forms)."""
+    rng = np.random.default_rng(1000 + seed)
+    dtypes = ["float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]
+    shapes = {
+        f"t{i}": tuple(int(d) for d in rng.integers(1, 9, size=rng.integers(0, 3)))
+        for i in range(int(rng.integers(1, 5)))
+    }
+    kinds = {name: str(rng.choice(dtypes)) for name in shapes}
+
+    def random_model() -> dict[str, np.ndarray]:
+        out = {}
+        for name, shape in shapes.items():
+            kind = kinds[name]
+            if kind.startswith("float"):
+                out[name] = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4)).astype(kind)
+            elif kind == "bool":
+                out[name] = rng.integers(0, 2, shape).astype(np.bool_)
+            else:
+                info = np.iinfo(kind)
+                out[name] = rng.integers(max(info.min, -1000), min(info.max, 1000), shape).astype(kind)
+        return out
+
+    base = random_model()
+    spec = AggregationSpec(update_kind=str(rng.choice(["weights", "delta"])))
+    ours, theirs = both(base, spec)
+    equal = bool(rng.integers(0, 2))
+    for _ in range(int(rng.integers(1, 12))):
+        new = random_model()
+        data = encode(delta(new, base) if spec.update_kind.value == "delta" else new)
+        r = ref(7 if equal else int(rng.choice([0, 1, 2, 3, 50, 1000])))
+        assert ours.offer(r, data) == theirs.offer(r, data)
+    if not ours.accepted or all(a.num_examples == 0 for a in ours.accepted):
+        return  # nothing to average: covered by the failure test below
+    assert_same_bytes(ours.finish(), torch_model_records(theirs))
+
+
 def test_rejections_are_the_torch_pipelines_with_the_same_reasons():
     """Excluded tensors sent, a wrong shape, NaN, an oversized norm, undecodable bytes, a missing blob:
     the same updates are left out for the same reasons, and the model is the same."""
