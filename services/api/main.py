@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api.cache import ApiCache
 from services.api.gate import ConcurrencyGate
-from services.api.routes import ROUTERS
+from services.api.routes import ROUTERS, updates
 from services.api.settings import ApiSettings
 from shared.auth import PrincipalCache, ensure_admin
 from shared.errors import FedhubError, Unauthenticated
@@ -63,6 +63,8 @@ def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> FastAPI
     app.add_exception_handler(IntegrityError, _integrity_error)
     for router in ROUTERS:
         app.include_router(router)
+    # The report routes' direct twins come first (`updates.DirectRoute`).
+    app.router.routes[:0] = updates.direct_routes()
     app.add_middleware(ConcurrencyGate, limit=settings.max_concurrent_requests)
     app.add_middleware(RequestMetrics, app_name="api")
     return app

@@ -12,11 +12,14 @@ from uuid import UUID
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
+from starlette.routing import Match
 
 from services.api import service as api_service
 from services.api.reports import ReportGroups
+from services.api.routes.updates import DirectRoute
 from shared import events
 from shared.codec import decode_tensors, encode_tensors, packb, tensor_map
 from shared.db import models as db
@@ -265,6 +268,35 @@ async def test_upload_to_an_unknown_training_is_404(world: World) -> None:
     )
     assert resp.status_code == 404
     assert ghost in resp.json()["detail"]
+
+
+@pytest.mark.parametrize("report", ["updates", "test-metrics"])
+def test_report_routes_are_matched_by_their_direct_twins_first(app: FastAPI, report: str) -> None:
+    """Starlette's router serves a request with the first route that fully matches it: for a report,
+    its `DirectRoute`, whose template is the documented route's (the metrics' label)."""
+    scope = {"type": "http", "method": "POST", "path": f"/v1/trainings/{UUID(int=1)}/{report}"}
+    served = next(route for route in app.router.routes if route.matches(scope)[0] is Match.FULL)
+    assert isinstance(served, DirectRoute)
+    assert "post" in app.openapi()["paths"][served.path], "the documented route keeps its entry"
+
+
+@pytest.mark.parametrize("report", ["updates", "test-metrics"])
+async def test_a_report_to_a_malformed_training_id_is_the_frameworks_422(world: World, report: str) -> None:
+    """The report routes are served directly (`DirectRoute`), past FastAPI's parameter solving: a
+    training id that is not a UUID still gets FastAPI's own 422 (as a route FastAPI serves gives it),
+    before the caller is checked; a wrong method still gets 405."""
+    framework = await world.fedhub.http.get("/v1/trainings/not-a-uuid", headers=world.alice.headers)
+    for headers in (world.alice.headers, {}):
+        resp = await world.fedhub.http.post(
+            f"/v1/trainings/not-a-uuid/{report}",
+            content=msgpack_body(model_tensors(), round=1, num_examples=1),
+            headers={**headers, "Content-Type": MSGPACK},
+        )
+        assert resp.status_code == framework.status_code == 422
+        assert resp.json() == framework.json()
+        assert resp.json()["detail"].startswith("training_id: ")
+    wrong_method = await world.fedhub.http.put(f"/v1/trainings/{world.training_id}/{report}")
+    assert wrong_method.status_code == 405
 
 
 @pytest.mark.parametrize(
