@@ -29,6 +29,7 @@ import numpy as np
 from shared.aggregation import AggregationSpec
 from shared.codec import TensorRecord, encode_tensors
 from shared.events import UpdateRef
+from shared.tensors import from_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,10 +61,7 @@ print(time.perf_counter() - started, rss() - before, 'torch' in sys.modules)
 
 
 def records(tensors: dict[str, np.ndarray]) -> list[TensorRecord]:
-    return [
-        TensorRecord(name=k, dtype=str(v.dtype), shape=v.shape, data=memoryview(v.tobytes()))
-        for k, v in tensors.items()
-    ]
+    return [from_numpy(k, v) for k, v in tensors.items()]
 
 
 def make_case(

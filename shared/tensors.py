@@ -93,6 +93,12 @@ def to_torch(record: TensorRecord, *, read_only: bool = False) -> torch.Tensor:
         return torch.frombuffer(record.data, dtype=dtype).reshape(record.shape)
 
 
+def from_numpy(name: str, array: np.ndarray[Any, Any]) -> TensorRecord:
+    """A record over `array`'s bytes (C order; copied only when the array is not contiguous)."""
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+    return TensorRecord(name=name, dtype=str(array.dtype), shape=tuple(array.shape), data=data)
+
+
 def from_torch(name: str, tensor: torch.Tensor) -> TensorRecord:
     """A record holding a contiguous CPU copy of `tensor`'s bytes."""
     import torch

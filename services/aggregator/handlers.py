@@ -276,7 +276,9 @@ async def _compute(
 ) -> StoredRound:
     """Compute and store the round with the numpy engine when it `takes` it, else with torch's."""
     spec = job_spec(job)
-    base = await uow.session.get(Model, job.base_model_id)
+    base = (
+        await uow.session.execute(select(Model.spec, Model.size_bytes).where(Model.id == job.base_model_id))
+    ).one_or_none()
     if base is not None and takes(
         job,
         spec,

@@ -55,7 +55,7 @@ from shared.blobs import BlobStore
 from shared.codec import TensorRecord, decode_tensors
 from shared.errors import FedhubError
 from shared.events import AggregateRound
-from shared.tensors import TensorSpec, spec_of
+from shared.tensors import TensorSpec, from_numpy, spec_of
 from shared.threads import off_loop
 
 METHODS = frozenset({AggregationMethod.FEDAVG, AggregationMethod.FEDPROX})
@@ -174,8 +174,7 @@ class SmallRound(Intake[dict[str, Array]]):
                 model.append(record)
                 continue
             mean = _mean(self._acc[record.name], self._weight, np.dtype(record.dtype))
-            data = np.ascontiguousarray(mean).reshape(-1).view(np.uint8).data
-            model.append(TensorRecord(name=record.name, dtype=record.dtype, shape=record.shape, data=data))
+            model.append(from_numpy(record.name, np.asarray(mean).reshape(record.shape)))
         self.seconds["aggregate"] += time.perf_counter() - started
         return model
 

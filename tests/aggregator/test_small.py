@@ -19,7 +19,7 @@ from services.aggregator.small import SmallRound, takes
 from shared.aggregation import AggregationSpec
 from shared.codec import TensorRecord, encode_tensors
 from shared.events import AggregateRound, UpdateRef
-from shared.tensors import records_to_state_dict, spec_of, state_dict_to_records
+from shared.tensors import from_numpy, records_to_state_dict, spec_of, state_dict_to_records
 
 CPU = torch.device("cpu")
 
@@ -40,10 +40,7 @@ def model(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]
 
 
 def records(tensors: dict[str, np.ndarray]) -> list[TensorRecord]:
-    return [
-        TensorRecord(name=k, dtype=str(v.dtype), shape=v.shape, data=memoryview(v.tobytes()))
-        for k, v in tensors.items()
-    ]
+    return [from_numpy(k, v) for k, v in tensors.items()]
 
 
 def encode(tensors: dict[str, np.ndarray]) -> bytes:
