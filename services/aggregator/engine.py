@@ -25,7 +25,6 @@ from services.aggregator.rounds import (
     Rejection,
     StoredBlob,
     StoredRound,
-    encode_records,
     feed,
     put_records,
     read_blob,
@@ -34,6 +33,7 @@ from services.aggregator.rounds import (
 from services.aggregator.settings import AggregatorSettings, DeviceUnavailable
 from shared.aggregation import AggregationMethod
 from shared.blobs import BlobStore
+from shared.codec import encode_tensors
 from shared.events import AggregatePart, AggregateRound
 from shared.tensors import state_dict_to_records
 from shared.threads import off_loop
@@ -165,7 +165,8 @@ async def put_tensors(blobs: BlobStore, tensors: Mapping[str, torch.Tensor]) -> 
 
 
 def _encode_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    return encode_records(state_dict_to_records(tensors))[0]
+    """A part's tensors as a blob for its own key: no content address, so no digest to compute."""
+    return encode_tensors(state_dict_to_records(tensors))
 
 
 async def store(outcome: RoundOutcome, blobs: BlobStore) -> StoredRound:
