@@ -6,6 +6,9 @@ clients (109 MiB at 10, 168 MiB at 1,000). Behind the gate a waiting request hol
 connection and task: its body is not read (flow control keeps it in the socket) until its turn.
 The server is busy either way, so the work done per second is the same. Event streams (they last
 as long as a client listens) and probes never wait.
+
+One `Slots` serves the whole app: the middleware (`ConcurrencyGate`) and the report routes' short
+lane (`services.api.lane`) take their turns from the same slots.
 """
 
 from __future__ import annotations
@@ -25,25 +28,40 @@ UNGATED = ("/v1/events", "/healthz", "/readyz", "/metrics")
 """Path prefixes that pass the gate at once."""
 
 
-class ConcurrencyGate:
-    """Pure ASGI middleware: a FIFO semaphore of `limit` around every gated HTTP request."""
+class Slots:
+    """A FIFO semaphore of `limit` request slots (the wait of a request that found none is timed)."""
 
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+    def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError("the gate needs a limit of at least 1")
+        self._free = asyncio.Semaphore(limit)
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in arrival order for one to free when all are taken."""
+        if self._free.locked():
+            with WAITING.time():
+                await self._free.acquire()
+        else:
+            await self._free.acquire()
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self._free.release()
+
+
+class ConcurrencyGate:
+    """Pure ASGI middleware: one of `slots` around every gated HTTP request."""
+
+    def __init__(self, app: ASGIApp, *, slots: Slots) -> None:
         self.app = app
-        self._slots = asyncio.Semaphore(limit)
+        self._slots = slots
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Wait for a slot (unless ungated), then run the request; the slot frees when it ends."""
         if scope["type"] != "http" or str(scope.get("path", "")).startswith(UNGATED):
             await self.app(scope, receive, send)
             return
-        if self._slots.locked():
-            with WAITING.time():
-                await self._slots.acquire()
-        else:
-            await self._slots.acquire()
+        await self._slots.acquire()
         try:
             await self.app(scope, receive, send)
         finally:

@@ -14,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api.cache import ApiCache
-from services.api.gate import ConcurrencyGate
+from services.api.gate import ConcurrencyGate, Slots
+from services.api.lane import Api, HotLane
 from services.api.routes import ROUTERS, updates
 from services.api.settings import ApiSettings
 from shared.auth import PrincipalCache, ensure_admin
@@ -28,7 +29,7 @@ log = structlog.get_logger(component="api")
 _LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
 
 
-def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> FastAPI:
+def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> Api:
     """The API app: with `runtime` (embedded) it uses it and never closes it; else its lifespan opens one."""
 
     @asynccontextmanager
@@ -46,7 +47,7 @@ def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> FastAPI
             yield
             log.info("api.stopping")
 
-    app = FastAPI(
+    app = Api(
         title="fedhub",
         version="1",
         summary="Federated learning: rounds, aggregation and notifications over HTTP.",
@@ -63,10 +64,15 @@ def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> FastAPI
     app.add_exception_handler(IntegrityError, _integrity_error)
     for router in ROUTERS:
         app.include_router(router)
-    # The report routes' direct twins come first (`updates.DirectRoute`).
-    app.router.routes[:0] = updates.direct_routes()
-    app.add_middleware(ConcurrencyGate, limit=settings.max_concurrent_requests)
+    # The report routes' direct twins come first (`updates.DirectRoute`); the app's short lane
+    # serves them (`services.api.lane`), the router when the lane cannot.
+    direct = updates.direct_routes()
+    app.router.routes[:0] = direct
+    slots = Slots(settings.max_concurrent_requests)
+    app.add_middleware(ConcurrencyGate, slots=slots)
     app.add_middleware(RequestMetrics, app_name="api")
+    if app.lane_allowed():
+        app.lane = HotLane(direct, slots, app_name="api")
     return app
 
 

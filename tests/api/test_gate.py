@@ -9,7 +9,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from services.api.gate import ConcurrencyGate
+from services.api.gate import ConcurrencyGate, Slots
 
 
 class Recorder:
@@ -42,7 +42,7 @@ class Recorder:
 
 async def test_at_most_limit_requests_run_the_rest_wait_in_order() -> None:
     app = Recorder()
-    gate = ConcurrencyGate(app, limit=2)
+    gate = ConcurrencyGate(app, slots=Slots(2))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://api") as http:
         requests = [asyncio.create_task(http.get(f"/slow/{i}")) for i in range(6)]
         await asyncio.wait_for(app.two_started.wait(), timeout=5)
@@ -60,4 +60,4 @@ async def test_at_most_limit_requests_run_the_rest_wait_in_order() -> None:
 
 def test_a_gate_needs_a_slot() -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        ConcurrencyGate(Recorder(), limit=0)
+        Slots(0)

@@ -155,6 +155,8 @@ class DirectRoute(Route):
             return await endpoint(_training_id(request), request)
 
         super().__init__(path, call, methods=["POST"], include_in_schema=False)
+        self.call = call
+        """The endpoint with its training id: what the app's `HotLane` calls."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)
@@ -173,7 +175,7 @@ def _training_id(request: Request) -> UUID:
         ) from None
 
 
-def direct_routes() -> list[Route]:
+def direct_routes() -> list[DirectRoute]:
     """The report routes as `DirectRoute`s, to be matched before every router (see `DirectRoute`)."""
     return [
         DirectRoute(f"{router.prefix}/updates", upload_update),
