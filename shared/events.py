@@ -73,8 +73,56 @@ class CancelTraining(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReceivedUpdate:
+    """One client's update in an `UpdatesReceived`."""
+
+    client_id: UUID
+    update_id: UUID
+    num_examples: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdatesReceived(Event):
+    """Clients' model updates for a round were validated, stored and recorded in one transaction.
+
+    The API records the reports that arrive together in one transaction (`services/api/reports.py`)
+    and announces each training round's share of them in one message: at 1,000 clients a round,
+    a few dozen messages instead of a thousand, each counted by the orchestrator alike."""
+
+    routing_key: ClassVar[str] = "updates.received"
+    training_id: UUID
+    round: int
+    updates: tuple[ReceivedUpdate, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceivedTestReport:
+    """One client's evaluation in a `TestReportsReceived`."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class, whatever its name
+    client_id: UUID
+    num_examples: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TestReportsReceived(Event):
+    """Clients reported their evaluations of a round's global model, recorded in one transaction
+    (as `UpdatesReceived` for updates)."""
+
+    routing_key: ClassVar[str] = "test_reports.received"
+    __test__: ClassVar[bool] = False
+    training_id: UUID
+    round: int
+    reports: tuple[ReceivedTestReport, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UpdateReceived(Event):
-    """A client's model update for a round was validated, stored and recorded."""
+    """A client's model update for a round was validated, stored and recorded.
+
+    What the API announced per update before `UpdatesReceived`; no longer emitted, still consumed
+    (the orchestrator counts it as it counts a batch) so that messages an older API process left in
+    its outbox or on the queue are not lost across an upgrade."""
 
     routing_key: ClassVar[str] = "update.received"
     training_id: UUID
@@ -86,7 +134,9 @@ class UpdateReceived(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TestMetricsReceived(Event):
-    """A client reported its evaluation of a round's global model."""
+    """A client reported its evaluation of a round's global model.
+
+    As `UpdateReceived`: replaced by `TestReportsReceived`, still consumed across an upgrade."""
 
     routing_key: ClassVar[str] = "test_metrics.received"
     __test__: ClassVar[bool] = False  # not a pytest test class, whatever its name

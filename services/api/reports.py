@@ -5,8 +5,9 @@ COMMIT, and on SQLite a turn of the one writer) was most of the API's database w
 clients a round. A `ReportGroups` queue takes the rows of the reports that arrive while the
 previous group commits and records them together in one unit of work: one execution of the
 conditional insert for all rows (`service.insert_if_open`: only while the round is open, only a
-client's first row of the round), one read of which rows went in, one outbox write of their
-messages, one commit. A request waits for its group's commit before it answers, so an answer still
+client's first row of the round), one read of which rows went in, one outbox write of the messages
+that announce them (`announce`: one per training round, `UpdatesReceived` / `TestReportsReceived`,
+not one per row), one commit. A request waits for its group's commit before it answers, so an answer still
 follows the commit of what it reports. Under light load a group holds one report and costs a task
 switch; nothing waits on purpose.
 
@@ -46,37 +47,45 @@ MAX_GROUP = 512
 InsertFor = Callable[[str, type[ClientUpdate | TestMetric]], Insert]
 """The conditional insert of one row for a dialect and entity (`service.insert_if_open`)."""
 
+Announce = Callable[[Sequence[Mapping[str, Any]]], Sequence[Message]]
+"""The messages that announce the rows a group recorded (`service.announce_updates`, ...)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
     row: Mapping[str, Any]
-    message: Message
     recorded: asyncio.Future[bool]
 
 
 class ReportGroups:
-    """Records one kind of report (`entity`) in groups; `submit` answers whether a row went in."""
+    """Records one kind of report (`entity`) in groups, each group's rows announced together
+    (`announce`); `submit` answers whether a row went in."""
 
     def __init__(
-        self, uow: UnitOfWorkFactory, entity: type[ClientUpdate | TestMetric], insert_for: InsertFor
+        self,
+        uow: UnitOfWorkFactory,
+        entity: type[ClientUpdate | TestMetric],
+        insert_for: InsertFor,
+        announce: Announce,
     ) -> None:
         self._uow = uow
         self._entity = entity
         self._table: Table = entity.__table__  # type: ignore[assignment]
         self._insert_for = insert_for
+        self._announce = announce
         self._one_row: dict[str, Insert] = {}
         self._waiting: list[_Pending] = []
         self._draining: asyncio.Task[None] | None = None
 
-    def submit(self, row: Mapping[str, Any], message: Message) -> asyncio.Future[bool]:
-        """Queue `row` (with the `message` to emit if it goes in) for the next group.
+    def submit(self, row: Mapping[str, Any]) -> asyncio.Future[bool]:
+        """Queue `row` for the next group (announced with the group's other rows if it goes in).
 
         The future is True once the row committed, False when the insert left it out (the client's
         report for the round is already there, or the round is no longer open), and holds the error
         when it could not be recorded. It completes even if the caller stops waiting.
         """
         recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Pending(row, message, recorded))
+        self._waiting.append(_Pending(row, recorded))
         if self._draining is None or self._draining.done():
             self._draining = asyncio.create_task(self._drain(), name=f"report-groups-{self._table.name}")
         return recorded
@@ -119,9 +128,8 @@ class ReportGroups:
                 await session.execute(self._insert_for(dialect, self._entity), [p.row for p in group])
                 ids = [pending.row["id"] for pending in group]
                 inserted = set(await session.scalars(select(table.c.id).where(table.c.id.in_(ids))))
-            for pending in group:
-                if pending.row["id"] in inserted:
-                    uow.emit(pending.message)
+            for message in self._announce([p.row for p in group if p.row["id"] in inserted]):
+                uow.emit(message)
         GROUP_ROWS.observe(len(group), report=table.name)
         for pending in group:
             if not pending.recorded.done():

@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, ParamSpec, TypeVar, cast
@@ -63,7 +63,15 @@ from shared.errors import (
     NotFound,
     RoundClosed,
 )
-from shared.events import CancelTraining, StartTraining, TestMetricsReceived, UpdateReceived, utcnow
+from shared.events import (
+    CancelTraining,
+    ReceivedTestReport,
+    ReceivedUpdate,
+    StartTraining,
+    TestReportsReceived,
+    UpdatesReceived,
+    utcnow,
+)
 from shared.tensors import TensorSpec, check_against_spec, first_non_finite
 from shared.threads import off_loop
 
@@ -803,8 +811,8 @@ async def _record_update(
     num_examples: int,
     metrics: dict[str, float | int],
 ) -> UpdateReceipt:
-    """Record the update's row with its `UpdateReceived` (in the next group of reports) if the round
-    is still open and the client has none in it.
+    """Record the update's row (in the next group of reports, announced in its `UpdatesReceived`) if
+    the round is still open and the client has none in it.
 
     A row left out is a repeat (answered with the first update) or a round that closed since it
     was read (`RoundClosed`); either way the stored blob is deleted again."""
@@ -822,15 +830,8 @@ async def _record_update(
         "metrics": metrics,
         "received_at": utcnow(),
     }
-    message = UpdateReceived(
-        training_id=training_id,
-        round=round_,
-        client_id=client_id,
-        update_id=update_id,
-        num_examples=num_examples,
-    )
     await uow.end_reads()  # the group needs a connection; this request must not sit on one
-    blob.recorded = reports.updates.submit(row, message)
+    blob.recorded = reports.updates.submit(row)
     if not await asyncio.shield(blob.recorded):
         await blob.blobs.delete(blob.key)
         first = await _existing_update(session, training_id, round_, client_id)
@@ -896,11 +897,8 @@ async def receive_test_metrics(
         "metrics": metrics,
         "received_at": utcnow(),
     }
-    message = TestMetricsReceived(
-        training_id=training_id, round=round_, client_id=client_id, num_examples=num_examples
-    )
     await uow.end_reads()  # as for updates: the group needs a connection
-    if not await asyncio.shield(reports.test_metrics.submit(row, message)):
+    if not await asyncio.shield(reports.test_metrics.submit(row)):
         if not await _existing_test_metric(session, training_id, round_, client_id):
             await _closed_since(session, training_id, round_, RoundPhase.TESTING)
         return Receipt(round=round_, duplicate=True)
@@ -1007,9 +1005,45 @@ def insert_if_open(dialect: str, entity: type[ClientUpdate | TestMetric]) -> Ins
 def new_reports(uow: UnitOfWorkFactory) -> Reports:
     """The report groups of an API process (see `services.api.reports`)."""
     return Reports(
-        updates=ReportGroups(uow, ClientUpdate, insert_if_open),
-        test_metrics=ReportGroups(uow, TestMetric, insert_if_open),
+        updates=ReportGroups(uow, ClientUpdate, insert_if_open, announce_updates),
+        test_metrics=ReportGroups(uow, TestMetric, insert_if_open, announce_test_reports),
     )
+
+
+def announce_updates(rows: Sequence[Mapping[str, Any]]) -> list[UpdatesReceived]:
+    """One `UpdatesReceived` per training round of the update rows a group recorded, rows in order."""
+    return [
+        UpdatesReceived(
+            training_id=training_id,
+            round=round_,
+            updates=tuple(
+                ReceivedUpdate(client_id=r["client_id"], update_id=r["id"], num_examples=r["num_examples"])
+                for r in same
+            ),
+        )
+        for (training_id, round_), same in _rows_by_round(rows).items()
+    ]
+
+
+def announce_test_reports(rows: Sequence[Mapping[str, Any]]) -> list[TestReportsReceived]:
+    """One `TestReportsReceived` per training round of the test-metric rows a group recorded."""
+    return [
+        TestReportsReceived(
+            training_id=training_id,
+            round=round_,
+            reports=tuple(
+                ReceivedTestReport(client_id=r["client_id"], num_examples=r["num_examples"]) for r in same
+            ),
+        )
+        for (training_id, round_), same in _rows_by_round(rows).items()
+    ]
+
+
+def _rows_by_round(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[UUID, int], list[Mapping[str, Any]]]:
+    grouped: dict[tuple[UUID, int], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((row["training_id"], row["round"]), []).append(row)
+    return grouped
 
 
 def _is_number(value: object) -> bool:

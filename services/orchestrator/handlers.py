@@ -24,8 +24,10 @@ from shared.events import (
     NotificationIssued,
     StartTraining,
     TestMetricsReceived,
+    TestReportsReceived,
     UpdateReceived,
     UpdateRef,
+    UpdatesReceived,
     utcnow,
 )
 from shared.messaging import Handler, handling
@@ -59,12 +61,13 @@ async def on_cancel_training(command: CancelTraining, uow: UnitOfWork) -> None:
     await _attempt(uow, repo, training, lambda: machine.cancel(view), now)
 
 
-async def on_update_received(event: UpdateReceived, uow: UnitOfWork) -> None:
+async def on_updates_received(event: UpdatesReceived | UpdateReceived, uow: UnitOfWork) -> None:
     """Count the round's updates; with all participants in, emit the aggregation job.
 
-    Every update but the round's last changes nothing: that is found without locking the training
-    (the count only grows, and the message of the last update to commit sees all of them), and
-    leaves no inbox row (`changed_nothing`).
+    Every message but the one of the round's last updates changes nothing: that is found without
+    locking the training (the count only grows, and the message of the last updates to commit sees
+    all of them), and leaves no inbox row (`changed_nothing`). A one-update `UpdateReceived` (from
+    an API before batches) counts alike.
     """
     repo = TrainingRepository(uow.session)
     received = await _shared_count(uow, TrainingRepository.count_updates, event.training_id, event.round)
@@ -108,7 +111,7 @@ async def on_aggregation_failed(event: AggregationFailed, uow: UnitOfWork) -> No
     )
 
 
-async def on_test_metrics_received(event: TestMetricsReceived, uow: UnitOfWork) -> None:
+async def on_test_reports_received(event: TestReportsReceived | TestMetricsReceived, uow: UnitOfWork) -> None:
     """Count the round's test reports; with all participants in, move on (else: changed nothing)."""
     repo = TrainingRepository(uow.session)
     reported = await _shared_count(uow, TrainingRepository.count_test_reports, event.training_id, event.round)
@@ -179,10 +182,12 @@ async def check_deadline(training_id: UUID, uow: UnitOfWork) -> bool:
 HANDLERS: Mapping[type[Message], Handler] = {
     StartTraining: on_start_training,
     CancelTraining: on_cancel_training,
-    UpdateReceived: on_update_received,
+    UpdatesReceived: on_updates_received,
+    UpdateReceived: on_updates_received,
     ModelAggregated: on_model_aggregated,
     AggregationFailed: on_aggregation_failed,
-    TestMetricsReceived: on_test_metrics_received,
+    TestReportsReceived: on_test_reports_received,
+    TestMetricsReceived: on_test_reports_received,
 }
 """The orchestrator's registry; its queue's bindings derive from it."""
 

@@ -18,7 +18,7 @@ from shared.bus import Envelope, InMemoryBus
 from shared.codec import TensorRecord, decode_message, packb, tensor_map
 from shared.db.models import Training
 from shared.enums import RoundPhase, TrainingState
-from shared.events import Message
+from shared.events import Message, TestReportsReceived, UpdatesReceived
 from shared.runtime import Runtime
 
 M = TypeVar("M", bound=Message)
@@ -105,6 +105,17 @@ class Principal:
         return bearer(self.token)
 
 
+@dataclass(frozen=True)
+class Announced:
+    """One report as the API announced it (in an `UpdatesReceived` or `TestReportsReceived`)."""
+
+    training_id: UUID
+    round: int
+    client_id: UUID
+    num_examples: int
+    update_id: UUID | None = None
+
+
 @dataclass
 class Fedhub:
     """The API under test plus direct access to its runtime (database, blobs, bus)."""
@@ -182,3 +193,19 @@ class Fedhub:
         await self.runtime.relay.drain()
         unique = {e.message_id: e for e in self.bus.published if e.type == cls.__name__}
         return [cast(M, decode_message(cls, e.body)) for e in unique.values()]
+
+    async def announced_updates(self) -> list[Announced]:
+        """Every update announced so far (`UpdatesReceived`, one entry per update)."""
+        return [
+            Announced(m.training_id, m.round, u.client_id, u.num_examples, u.update_id)
+            for m in await self.published(UpdatesReceived)
+            for u in m.updates
+        ]
+
+    async def announced_test_reports(self) -> list[Announced]:
+        """Every test report announced so far (`TestReportsReceived`, one entry per report)."""
+        return [
+            Announced(m.training_id, m.round, r.client_id, r.num_examples)
+            for m in await self.published(TestReportsReceived)
+            for r in m.reports
+        ]

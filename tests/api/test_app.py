@@ -16,7 +16,6 @@ from services.api.settings import ApiSettings
 from shared.auth import admin_principal_id
 from shared.codec import encode_tensors
 from shared.db import models as db
-from shared.events import UpdateReceived
 from shared.metrics import parse_exposition, total
 from shared.runtime import Runtime
 from tests.api.conftest import api_settings
@@ -119,7 +118,7 @@ async def test_payloads_above_the_offload_threshold_round_trip(fedhub: Fedhub) -
     update_id = resp.json()["update_id"]
     assert (fedhub.blob_root / "update" / update_id).read_bytes() == encode_tensors(update.values())
     assert await fedhub.count(db.ClientUpdate, id=UUID(update_id)) == 1
-    assert len(await fedhub.published(UpdateReceived)) == 1
+    assert len(await fedhub.announced_updates()) == 1
 
 
 async def test_embedded_app_leaves_the_runtime_open(

@@ -16,12 +16,12 @@ import pytest
 
 from services.api.main import create_app
 from services.api.reports import GROUP_ROWS, ReportGroups
-from services.api.service import _UpdateBlob, insert_if_open
+from services.api.service import _UpdateBlob, announce_test_reports, announce_updates, insert_if_open
 from shared.auth import admin_principal_id
 from shared.db import UnitOfWorkFactory
 from shared.db import models as db
 from shared.enums import RoundPhase
-from shared.events import TestMetricsReceived, UpdateReceived, utcnow
+from shared.events import ReceivedTestReport, ReceivedUpdate, TestReportsReceived, UpdatesReceived, utcnow
 from shared.runtime import Runtime
 from shared.settings import CommonSettings
 from tests.api.conftest import api_settings
@@ -44,8 +44,8 @@ def _group_sizes() -> tuple[int, float]:
 
 
 async def test_concurrent_uploads_share_transactions_and_each_is_recorded_once(fedhub: Fedhub) -> None:
-    """24 clients upload at once: 24 answers 201, 24 rows, 24 blobs and one UpdateReceived each, in
-    fewer transactions than uploads."""
+    """24 clients upload at once: 24 answers 201, 24 rows, 24 blobs, each update announced once, in
+    fewer transactions than uploads and one message per transaction (all of one training round)."""
     clients = [await fedhub.principal(name=f"site-{i}") for i in range(24)]
     model = await fedhub.upload_model(model_tensors(), name="tiny")
     training = await fedhub.create_training(str(model["id"]), [c.id for c in clients])
@@ -68,12 +68,14 @@ async def test_concurrent_uploads_share_transactions_and_each_is_recorded_once(f
     assert [a.status_code for a in answers] == [201] * 24, [a.text for a in answers if a.status_code != 201]
     assert await fedhub.count(db.ClientUpdate) == 24
     assert len(blob_files(fedhub.blob_root) - files_before) == 24
-    events = await fedhub.published(UpdateReceived)
-    assert sorted(str(e.client_id) for e in events) == sorted(c.id for c in clients)
-    assert {a.json()["update_id"] for a in answers} == {str(e.update_id) for e in events}
+    announced = await fedhub.announced_updates()
+    assert sorted(str(a.client_id) for a in announced) == sorted(c.id for c in clients)
+    assert {a.json()["update_id"] for a in answers} == {str(a.update_id) for a in announced}
+    assert {a.num_examples for a in announced} == set(range(1, 25))
     transactions, rows = _group_sizes()
     assert rows - rows_before == 24
     assert transactions - transactions_before < 24
+    assert len(await fedhub.published(UpdatesReceived)) == transactions - transactions_before
 
 
 async def _training_collecting(fedhub: Fedhub, n: int) -> tuple[UUID, list[UUID]]:
@@ -103,46 +105,34 @@ async def test_a_failing_row_fails_alone_the_rest_of_its_group_is_recorded(
     the group is recorded again row by row, so only that row's report fails."""
     training_id, clients = await _training_collecting(fedhub, 3)
     await fedhub.set_round(str(training_id), phase=RoundPhase.TESTING)
-    groups = ReportGroups(runtime.uow, db.TestMetric, insert_if_open)
+    groups = ReportGroups(runtime.uow, db.TestMetric, insert_if_open, announce_test_reports)
     unknown = uuid4()
     rows = [_metric_row(training_id, c) for c in (clients[0], unknown, clients[1], clients[2])]
-    messages = [
-        TestMetricsReceived(training_id=training_id, round=1, client_id=r["client_id"], num_examples=2)
-        for r in rows
-    ]
     # Submitted in one turn of the loop: one group of four.
-    futures = [groups.submit(r, m) for r, m in zip(rows, messages, strict=True)]
+    futures = [groups.submit(r) for r in rows]
     outcomes = await asyncio.gather(*futures, return_exceptions=True)
 
     assert [o is True for o in outcomes] == [True, False, True, True]
     assert isinstance(outcomes[1], Exception)
     assert await fedhub.count(db.TestMetric) == 3
-    published = await fedhub.published(TestMetricsReceived)
-    assert sorted(str(e.client_id) for e in published) == sorted(str(c) for c in clients)
+    announced = await fedhub.announced_test_reports()
+    assert sorted(a.client_id for a in announced) == sorted(clients)
 
 
 async def test_rows_left_out_answer_false_and_emit_nothing(fedhub: Fedhub, runtime: Runtime) -> None:
     """A client's second row of a round and a row for a round that is not open go in nowhere."""
     training_id, clients = await _training_collecting(fedhub, 2)
     await fedhub.set_round(str(training_id), phase=RoundPhase.TESTING)
-    groups = ReportGroups(runtime.uow, db.TestMetric, insert_if_open)
+    groups = ReportGroups(runtime.uow, db.TestMetric, insert_if_open, announce_test_reports)
     first, repeat, other_round = (
         _metric_row(training_id, clients[0]),
         _metric_row(training_id, clients[0]),
         {**_metric_row(training_id, clients[1]), "round": 2},
     )
-    futures = [
-        groups.submit(
-            r,
-            TestMetricsReceived(
-                training_id=training_id, round=r["round"], client_id=r["client_id"], num_examples=2
-            ),
-        )
-        for r in (first, repeat, other_round)
-    ]
+    futures = [groups.submit(r) for r in (first, repeat, other_round)]
     assert await asyncio.gather(*futures) == [True, False, False]
     assert await fedhub.count(db.TestMetric) == 1
-    assert len(await fedhub.published(TestMetricsReceived)) == 1
+    assert [a.client_id for a in await fedhub.announced_test_reports()] == [clients[0]]
 
 
 @pytest.mark.parametrize("committed", [True, False])
@@ -219,18 +209,15 @@ async def test_a_cancelled_group_leaves_its_outcome_unknown_and_fails_the_report
         async with runtime.uow() as uow:
             yield uow
 
-    groups = ReportGroups(cast(UnitOfWorkFactory, gated_uow), db.TestMetric, insert_if_open)
-
-    def message(row: dict[str, Any]) -> TestMetricsReceived:
-        return TestMetricsReceived(
-            training_id=training_id, round=1, client_id=row["client_id"], num_examples=2
-        )
+    groups = ReportGroups(
+        cast(UnitOfWorkFactory, gated_uow), db.TestMetric, insert_if_open, announce_test_reports
+    )
 
     first_row = _metric_row(training_id, clients[0])
-    first = groups.submit(first_row, message(first_row))
+    first = groups.submit(first_row)
     await entered.wait()  # the drain took the first row and is recording it
     behind_row = _metric_row(training_id, clients[1])
-    behind = groups.submit(behind_row, message(behind_row))
+    behind = groups.submit(behind_row)
     drain = groups._draining
     assert drain is not None
     drain.cancel()
@@ -244,4 +231,51 @@ async def test_a_cancelled_group_leaves_its_outcome_unknown_and_fails_the_report
 
     release.set()
     later_row = _metric_row(training_id, clients[2])
-    assert await groups.submit(later_row, message(later_row)) is True
+    assert await groups.submit(later_row) is True
+
+
+def test_a_group_is_announced_in_one_message_per_training_round() -> None:
+    """Rows of two trainings and two rounds in one group: three messages, each with its rows in the
+    order they were recorded, and nothing for no rows."""
+    t1, t2 = uuid4(), uuid4()
+    c = [uuid4() for _ in range(4)]
+    rows: list[dict[str, Any]] = [
+        {"id": uuid4(), "training_id": t1, "round": 3, "client_id": c[0], "num_examples": 5},
+        {"id": uuid4(), "training_id": t2, "round": 1, "client_id": c[1], "num_examples": 6},
+        {"id": uuid4(), "training_id": t1, "round": 3, "client_id": c[2], "num_examples": 7},
+        {"id": uuid4(), "training_id": t1, "round": 4, "client_id": c[3], "num_examples": 8},
+    ]
+    assert announce_updates(rows) == [
+        UpdatesReceived(
+            training_id=t1,
+            round=3,
+            updates=(
+                ReceivedUpdate(client_id=c[0], update_id=rows[0]["id"], num_examples=5),
+                ReceivedUpdate(client_id=c[2], update_id=rows[2]["id"], num_examples=7),
+            ),
+        ),
+        UpdatesReceived(
+            training_id=t2,
+            round=1,
+            updates=(ReceivedUpdate(client_id=c[1], update_id=rows[1]["id"], num_examples=6),),
+        ),
+        UpdatesReceived(
+            training_id=t1,
+            round=4,
+            updates=(ReceivedUpdate(client_id=c[3], update_id=rows[3]["id"], num_examples=8),),
+        ),
+    ]
+    assert announce_test_reports(rows[:3]) == [
+        TestReportsReceived(
+            training_id=t1,
+            round=3,
+            reports=(
+                ReceivedTestReport(client_id=c[0], num_examples=5),
+                ReceivedTestReport(client_id=c[2], num_examples=7),
+            ),
+        ),
+        TestReportsReceived(
+            training_id=t2, round=1, reports=(ReceivedTestReport(client_id=c[1], num_examples=6),)
+        ),
+    ]
+    assert announce_updates([]) == [] and announce_test_reports([]) == []

@@ -29,7 +29,6 @@ from shared.codec import (
 from shared.db import models as db
 from shared.enums import RoundPhase
 from shared.errors import NonFiniteValues
-from shared.events import UpdateReceived
 from shared.runtime import Runtime
 from shared.settings import CommonSettings
 from tests.api.conftest import api_settings
@@ -118,7 +117,7 @@ async def test_streamed_update_is_stored_in_canonical_bytes(fedhub: Fedhub) -> N
     assert row is not None
     assert row.digest == hashlib.sha256(stored).hexdigest()
     assert row.num_examples == 4
-    assert len(await fedhub.published(UpdateReceived)) == 1
+    assert len(await fedhub.announced_updates()) == 1
 
 
 async def test_nan_in_a_late_chunk_leaves_nothing(fedhub: Fedhub) -> None:
@@ -135,7 +134,7 @@ async def test_nan_in_a_late_chunk_leaves_nothing(fedhub: Fedhub) -> None:
     assert resp.json() == {"error": "NonFiniteValues", "detail": "tensor 'a' holds NaN or Inf values"}
     assert await stored_keys(fedhub.runtime) == before
     assert await fedhub.count(db.ClientUpdate) == 0
-    assert await fedhub.published(UpdateReceived) == []
+    assert await fedhub.announced_updates() == []
 
 
 async def test_round_sent_first_is_checked_before_any_tensor(fedhub: Fedhub) -> None:

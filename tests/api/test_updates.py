@@ -20,17 +20,16 @@ from starlette.routing import Match
 from services.api import service as api_service
 from services.api.reports import ReportGroups
 from services.api.routes.updates import DirectRoute
-from shared import events
 from shared.codec import decode_tensors, encode_tensors, packb, tensor_map
 from shared.db import models as db
 from shared.db.models import Principal as PrincipalRow
 from shared.enums import Role, RoundPhase, TrainingState
-from shared.events import UpdateReceived
 from tests.api.conftest import World
 from tests.api.helpers import (
     BF16_INF,
     BF16_NAN,
     MSGPACK,
+    Announced,
     Fedhub,
     Principal,
     blob_files,
@@ -48,7 +47,7 @@ def updates_url(world: World) -> str:
 
 
 async def test_update_is_stored_recorded_and_announced(world: World) -> None:
-    """A valid update: 201, one row, its canonical bytes under update/<id>, one UpdateReceived."""
+    """A valid update: 201, one row, its canonical bytes under update/<id>, announced once."""
     fedhub = world.fedhub
     tensors = model_tensors(scale=2.0)
     shuffled = [tensors[n] for n in ("steps", "g", "h", "b", "w")]
@@ -73,14 +72,8 @@ async def test_update_is_stored_recorded_and_announced(world: World) -> None:
     assert stored == encode_tensors(tensors.values())
     assert [r.name for r in decode_tensors(stored)] == list(tensors)
 
-    assert await fedhub.published(UpdateReceived) == [
-        UpdateReceived(
-            training_id=UUID(world.training_id),
-            round=1,
-            client_id=UUID(world.alice.id),
-            update_id=update_id,
-            num_examples=25,
-        )
+    assert await fedhub.announced_updates() == [
+        Announced(UUID(world.training_id), 1, UUID(world.alice.id), 25, update_id)
     ]
     url = f"/v1/trainings/{world.training_id}"
     assert (await fedhub.http.get(url, headers=fedhub.admin.headers)).json()["uploaded"] == [world.alice.id]
@@ -241,7 +234,7 @@ def _bad_request(world: World, bad: Bad) -> tuple[bytes, dict[str, str]]:
 
 @pytest.mark.parametrize("case", list(BAD_UPLOADS))
 async def test_bad_upload_is_refused_and_leaves_nothing(world: World, case: str) -> None:
-    """Each bad upload gets its named 4xx and leaves no row, no new blob file and no UpdateReceived."""
+    """Each bad upload gets its named 4xx and leaves no row, no new blob file and no announcement."""
     fedhub, bad = world.fedhub, BAD_UPLOADS[case]
     content, headers = _bad_request(world, bad)
     files_before = blob_files(fedhub.blob_root)
@@ -255,7 +248,7 @@ async def test_bad_upload_is_refused_and_leaves_nothing(world: World, case: str)
         assert needle in body["detail"], (needle, body["detail"])
     assert await fedhub.count(db.ClientUpdate) == 0
     assert blob_files(fedhub.blob_root) == files_before
-    assert await fedhub.published(UpdateReceived) == []
+    assert await fedhub.announced_updates() == []
 
 
 async def test_upload_to_an_unknown_training_is_404(world: World) -> None:
@@ -373,7 +366,7 @@ async def test_round_closing_during_the_upload_leaves_nothing(
     assert "AGGREGATING" in resp.json()["detail"]
     assert await fedhub.count(db.ClientUpdate) == 0
     assert blob_files(fedhub.blob_root) == files_before
-    assert await fedhub.published(UpdateReceived) == []
+    assert await fedhub.announced_updates() == []
 
 
 async def test_repeated_upload_answers_the_first_update(world: World) -> None:
@@ -393,7 +386,7 @@ async def test_repeated_upload_answers_the_first_update(world: World) -> None:
     assert second.json() == {"update_id": first.json()["update_id"], "round": 1, "duplicate": True}
     assert await fedhub.count(db.ClientUpdate) == 1
     assert blob_files(fedhub.blob_root) == files_after_first
-    assert len(await fedhub.published(UpdateReceived)) == 1
+    assert len(await fedhub.announced_updates()) == 1
 
 
 async def test_repeat_is_answered_even_after_the_round_closed(world: World) -> None:
@@ -421,7 +414,7 @@ async def test_concurrent_duplicates_keep_one_update(world: World) -> None:
     assert len({a.json()["update_id"] for a in answers}) == 1
     assert await fedhub.count(db.ClientUpdate) == 1
     assert len(blob_files(fedhub.blob_root) - files_before) == 1
-    assert len(await fedhub.published(UpdateReceived)) == 1
+    assert len(await fedhub.announced_updates()) == 1
 
 
 async def test_a_repeat_in_an_open_round_is_caught_by_the_insert(
@@ -453,7 +446,7 @@ async def test_a_repeat_in_an_open_round_is_caught_by_the_insert(
     assert second.json() == {"update_id": first.json()["update_id"], "round": 1, "duplicate": True}
     assert await fedhub.count(db.ClientUpdate) == 1
     assert blob_files(fedhub.blob_root) == files_after_first
-    assert len(await fedhub.published(UpdateReceived)) == 1
+    assert len(await fedhub.announced_updates()) == 1
 
 
 async def test_request_unit_of_work_undoes_on_rollback_only(world: World) -> None:
@@ -585,7 +578,7 @@ async def test_an_outdated_view_neither_refuses_nor_admits(world: World) -> None
     assert "AGGREGATING" in late.json()["detail"]
     assert blob_files(fedhub.blob_root) == files
     assert await fedhub.count(db.ClientUpdate) == 2
-    assert len(await fedhub.published(UpdateReceived)) == 2
+    assert len(await fedhub.announced_updates()) == 2
 
 
 # --- test metrics -------------------------------------------------------------------------------
@@ -608,11 +601,11 @@ async def test_test_metrics_outside_testing_are_round_closed(world: World) -> No
     assert resp.json()["error"] == "RoundClosed"
     assert "COLLECTING" in resp.json()["detail"]
     assert await fedhub.count(db.TestMetric) == 0
-    assert await fedhub.published(events.TestMetricsReceived) == []
+    assert await fedhub.announced_test_reports() == []
 
 
 async def test_test_metrics_are_recorded_once(world: World) -> None:
-    """In TESTING: 201, a row and one TestMetricsReceived; the repeat is 200 duplicate and adds nothing."""
+    """In TESTING: 201, a row, announced once; the repeat is 200 duplicate and adds nothing."""
     fedhub = world.fedhub
     await fedhub.set_round(world.training_id, phase=RoundPhase.TESTING)
     body = {"round": 1, "num_examples": 4, "metrics": {"acc": 0.75, "loss": 2}}
@@ -624,10 +617,8 @@ async def test_test_metrics_are_recorded_once(world: World) -> None:
     assert again.json() == {"round": 1, "duplicate": True}
 
     assert await fedhub.count(db.TestMetric) == 1
-    assert await fedhub.published(events.TestMetricsReceived) == [
-        events.TestMetricsReceived(
-            training_id=UUID(world.training_id), round=1, client_id=UUID(world.bob.id), num_examples=4
-        )
+    assert await fedhub.announced_test_reports() == [
+        Announced(UUID(world.training_id), 1, UUID(world.bob.id), 4)
     ]
     url = f"/v1/trainings/{world.training_id}"
     assert (await fedhub.http.get(url, headers=world.bob.headers)).json()["tested"] == [world.bob.id]
@@ -657,7 +648,7 @@ async def test_bad_test_metrics_are_refused(
     assert resp.json()["error"] == error
     assert needle in resp.json()["detail"]
     assert await fedhub.count(db.TestMetric) == 0
-    assert await fedhub.published(events.TestMetricsReceived) == []
+    assert await fedhub.announced_test_reports() == []
 
 
 async def test_test_metrics_need_a_participant(world: World) -> None:

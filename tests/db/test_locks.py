@@ -99,7 +99,7 @@ async def test_load_for_update_serialises_transitions(pg_runtime):
 
 
 async def test_concurrently_handled_updates_make_one_aggregation_job(pg_runtime):
-    """On PostgreSQL: ten UpdateReceived handled at once give one transition and one job."""
+    """On PostgreSQL: ten update announcements handled at once give one transition and one job."""
     from tests.orchestrator.test_handlers import concurrent_updates_make_one_job
 
     await pg_runtime.relay.stop()

@@ -70,10 +70,10 @@ async def test_a_training_shows_in_every_phase_metric(tmp_path: Path) -> None:
     def triggers(on: str, emits: str) -> float:
         return _count(after, before, "fedhub_orchestrator_trigger_seconds", on=on, emits=emits)
 
-    assert triggers("UpdateReceived", "aggregation") == ROUNDS
+    assert triggers("UpdatesReceived", "aggregation") == ROUNDS
     assert triggers("ModelAggregated", "MODEL_TEST_ROUND") == ROUNDS
-    assert triggers("TestMetricsReceived", "UPDATE_ROUND_START") == ROUNDS - 1
-    assert triggers("TestMetricsReceived", "TRAINING_FINISHED") == 1
+    assert triggers("TestReportsReceived", "UPDATE_ROUND_START") == ROUNDS - 1
+    assert triggers("TestReportsReceived", "TRAINING_FINISHED") == 1
     assert triggers("StartTraining", "TRAINING_START+UPDATE_ROUND_START") == 1
 
     # Per round: UPDATE_ROUND_START and MODEL_TEST_ROUND; then TRAINING_START and TRAINING_FINISHED.
@@ -86,10 +86,17 @@ async def test_a_training_shows_in_every_phase_metric(tmp_path: Path) -> None:
 
     for stage in ("read", "decode", "validate", "aggregate", "store", "commit"):
         assert _count(after, before, "fedhub_aggregator_stage_seconds", stage=stage) == ROUNDS, stage
+    # The updates are announced a group of reports at a time: one message per recording transaction
+    # (one training here), the groups' rows adding up to every update.
     handled = _count(
-        after, before, "fedhub_message_handle_seconds", consumer="orchestrator", type="UpdateReceived"
+        after, before, "fedhub_message_handle_seconds", consumer="orchestrator", type="UpdatesReceived"
     )
-    assert handled == CLIENTS * ROUNDS
+    groups = _count(after, before, "fedhub_api_report_group_rows", report="client_update")
+    rows = total(after, "fedhub_api_report_group_rows_sum", report="client_update") - total(
+        before, "fedhub_api_report_group_rows_sum", report="client_update"
+    )
+    assert ROUNDS <= handled == groups <= CLIENTS * ROUNDS
+    assert rows == CLIENTS * ROUNDS
     delivered = _count(
         after, before, "fedhub_message_delivery_seconds", consumer="aggregator", type="AggregateRound"
     )

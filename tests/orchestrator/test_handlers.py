@@ -25,6 +25,7 @@ from shared.db.models import (
     Training,
     TrainingRound,
 )
+from shared.db.models import TestMetric as MetricRow
 from shared.enums import Role, RoundPhase, TrainingState
 from shared.events import (
     MESSAGE_TYPES,
@@ -32,8 +33,13 @@ from shared.events import (
     Message,
     ModelAggregated,
     NotificationIssued,
+    ReceivedTestReport,
+    ReceivedUpdate,
     StartTraining,
+    TestMetricsReceived,
+    TestReportsReceived,
     UpdateReceived,
+    UpdatesReceived,
     utcnow,
 )
 from shared.messaging import Consumer
@@ -85,7 +91,18 @@ async def _state(rt: Runtime, training_id: UUID) -> Training:
         return t
 
 
-async def _add_update(rt: Runtime, training_id: UUID, client_id: UUID, round_: int) -> UpdateReceived:
+async def _add_update(rt: Runtime, training_id: UUID, client_id: UUID, round_: int) -> UpdatesReceived:
+    """A client's update row, and the message that announces it (alone, as in a group of one)."""
+    legacy = await _add_legacy_update(rt, training_id, client_id, round_)
+    return UpdatesReceived(
+        training_id=training_id,
+        round=round_,
+        updates=(ReceivedUpdate(client_id=client_id, update_id=legacy.update_id, num_examples=10),),
+    )
+
+
+async def _add_legacy_update(rt: Runtime, training_id: UUID, client_id: UUID, round_: int) -> UpdateReceived:
+    """A client's update row, announced as an API before `UpdatesReceived` did."""
     update_id = uuid4()
     async with rt.uow() as uow:
         uow.session.add(
@@ -282,8 +299,8 @@ async def _inbox(rt: Runtime) -> set[UUID]:
 
 
 async def concurrent_updates_make_one_job(rt: Runtime) -> None:
-    """Ten clients' UpdateReceived handled all at once (as with prefetch 8): one AggregateRound, one
-    transition, and the round's updates all in the job."""
+    """Ten clients' updates, one message each, handled all at once (as with prefetch 8): one
+    AggregateRound, one transition, and the round's updates all in the job."""
     consumer = Consumer("orchestrator", HANDLERS, rt.uow)
     training_id, clients = await _training(rt, clients=10)
     await consumer.handle(envelope_for(StartTraining(training_id=training_id, requested_by=uuid4())))
@@ -300,3 +317,93 @@ async def concurrent_updates_make_one_job(rt: Runtime) -> None:
 async def test_concurrently_handled_updates_make_one_aggregation_job(runtime: Runtime) -> None:
     """On SQLite (embedded): see `concurrent_updates_make_one_job`."""
     await concurrent_updates_make_one_job(runtime)
+
+
+async def test_a_batch_of_updates_counts_them_all(runtime: Runtime) -> None:
+    """Updates announced together (one group of reports): the message with the round's last ones
+    moves it on; one before it, covering part of the round, changes nothing."""
+    consumer = Consumer("orchestrator", HANDLERS, runtime.uow)
+    training_id, clients = await _training(runtime, clients=5)
+    await consumer.handle(envelope_for(StartTraining(training_id=training_id, requested_by=uuid4())))
+    await _outbox(runtime)
+
+    async def batch(members: list[UUID]) -> UpdatesReceived:
+        added = [await _add_update(runtime, training_id, c, 1) for c in members]
+        return UpdatesReceived(training_id=training_id, round=1, updates=tuple(a.updates[0] for a in added))
+
+    await consumer.handle(envelope_for(await batch(clients[:3])))
+    assert (await _state(runtime, training_id)).phase is RoundPhase.COLLECTING
+    assert await _outbox(runtime) == []
+    await consumer.handle(envelope_for(await batch(clients[3:])))
+    assert (await _state(runtime, training_id)).phase is RoundPhase.AGGREGATING
+    (job,) = await _outbox(runtime)
+    assert isinstance(job, AggregateRound)
+    assert [u.client_id for u in job.updates] == sorted(clients)
+
+
+async def test_an_older_apis_one_update_messages_are_still_counted(runtime: Runtime) -> None:
+    """`UpdateReceived` (one per update, from an API before batches) left on the queue across an
+    upgrade: counted as before, mixed with batches."""
+    consumer = Consumer("orchestrator", HANDLERS, runtime.uow)
+    training_id, clients = await _training(runtime, clients=3)
+    await consumer.handle(envelope_for(StartTraining(training_id=training_id, requested_by=uuid4())))
+    await _outbox(runtime)
+    for c in clients[:2]:
+        await consumer.handle(envelope_for(await _add_legacy_update(runtime, training_id, c, 1)))
+    assert (await _state(runtime, training_id)).phase is RoundPhase.COLLECTING
+    await consumer.handle(envelope_for(await _add_update(runtime, training_id, clients[2], 1)))
+    assert (await _state(runtime, training_id)).phase is RoundPhase.AGGREGATING
+    (job,) = await _outbox(runtime)
+    assert isinstance(job, AggregateRound) and len(job.updates) == 3
+
+
+async def test_test_reports_move_the_round_on_batched_or_one_by_one(runtime: Runtime) -> None:
+    """In TESTING: a `TestReportsReceived` with part of the reports changes nothing; the rest, here
+    as an older API's `TestMetricsReceived`, moves the training to round 2."""
+    consumer = Consumer("orchestrator", HANDLERS, runtime.uow)
+    training_id, clients = await _training(runtime)
+    await consumer.handle(envelope_for(StartTraining(training_id=training_id, requested_by=uuid4())))
+    for c in clients:
+        await consumer.handle(envelope_for(await _add_update(runtime, training_id, c, 1)))
+    new_model = uuid4()
+    async with runtime.uow() as uow:
+        uow.session.add(Model(id=new_model, blob_key="sha256/def", digest="def", size_bytes=1, spec={}))
+    aggregated = ModelAggregated(
+        job_id=uuid4(),
+        training_id=training_id,
+        round=1,
+        model_id=new_model,
+        blob_key="sha256/def",
+        num_updates=2,
+        num_examples=20,
+    )
+    await consumer.handle(envelope_for(aggregated))
+    await _outbox(runtime)
+
+    async def report(client_id: UUID) -> None:
+        async with runtime.uow() as uow:
+            uow.session.add(
+                MetricRow(
+                    id=uuid4(),
+                    training_id=training_id,
+                    round=1,
+                    client_id=client_id,
+                    num_examples=4,
+                    metrics={},
+                )
+            )
+
+    await report(clients[0])
+    first = TestReportsReceived(
+        training_id=training_id, round=1, reports=(ReceivedTestReport(client_id=clients[0], num_examples=4),)
+    )
+    await consumer.handle(envelope_for(first))
+    assert (await _state(runtime, training_id)).phase is RoundPhase.TESTING
+    assert await _outbox(runtime) == []
+    await report(clients[1])
+    legacy = TestMetricsReceived(training_id=training_id, round=1, client_id=clients[1], num_examples=4)
+    await consumer.handle(envelope_for(legacy))
+    t = await _state(runtime, training_id)
+    assert (t.round, t.phase) == (2, RoundPhase.COLLECTING)
+    (note,) = await _outbox(runtime)
+    assert isinstance(note, NotificationIssued) and note.notification_type == "UPDATE_ROUND_START"

@@ -46,6 +46,17 @@ SAMPLES: dict[type[Message], Message] = {
     events.TestMetricsReceived: events.TestMetricsReceived(
         training_id=_T, round=2, client_id=_C, num_examples=64
     ),
+    events.UpdatesReceived: events.UpdatesReceived(
+        training_id=_T,
+        round=2,
+        updates=(
+            events.ReceivedUpdate(client_id=_C, update_id=_U, num_examples=128),
+            events.ReceivedUpdate(client_id=uuid4(), update_id=uuid4(), num_examples=3),
+        ),
+    ),
+    events.TestReportsReceived: events.TestReportsReceived(
+        training_id=_T, round=2, reports=(events.ReceivedTestReport(client_id=_C, num_examples=64),)
+    ),
     events.AggregateRound: events.AggregateRound(
         job_id=uuid4(),
         training_id=_T,
