@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.blobs import BlobStore, LocalBlobStore, PostgresBlobStore
+from shared.blobs import BlobStore, LocalBlobStore, PostgresBlobStore, TieredBlobStore
 from shared.bus import Bus, InMemoryBus, RabbitMQBus
 from shared.db import UnitOfWorkFactory, create_engine, create_schema, session_factory
 from shared.db.relay import OutboxRelay
@@ -67,18 +67,22 @@ class Runtime:
 
 
 async def open_blob_store(settings: CommonSettings, *, create_tables: bool = False) -> BlobStore:
-    """The blob store `settings.blob_backend` names.
+    """The blob store `settings.blob_backend` names: the local one keeps its small blobs (up to
+    `blob_row_max_bytes`) in the database and the rest as files (`TieredBlobStore`).
 
     The postgres store gets a connection pool of its own: a request that holds a session while it
     reads a blob must never wait for a connection from the pool it is holding one of (with 30
     concurrent downloads that deadlocked until the pool timeout).
     """
+    if settings.blob_backend == "local" and settings.blob_row_max_bytes == 0:
+        return LocalBlobStore(settings.blob_path, chunk_size=settings.blob_chunk_size)
+    rows = PostgresBlobStore(settings.database_url, chunk_size=settings.blob_chunk_size)
+    if create_tables:
+        await rows.create_tables()
     if settings.blob_backend == "postgres":
-        store = PostgresBlobStore(settings.database_url, chunk_size=settings.blob_chunk_size)
-        if create_tables:
-            await store.create_tables()
-        return store
-    return LocalBlobStore(settings.blob_path, chunk_size=settings.blob_chunk_size)
+        return rows
+    files = LocalBlobStore(settings.blob_path, chunk_size=settings.blob_chunk_size)
+    return TieredBlobStore(rows, files, max_row_bytes=settings.blob_row_max_bytes)
 
 
 GC_THRESHOLDS = (20_000, 20, 10)

@@ -43,6 +43,14 @@ class CommonSettings(BaseSettings):
         description="local: files under blob_path; postgres: chunked rows in the database_url database",
     )
     blob_path: Path = Field(default=Path(".fedhub/blobs"), description="folder of the local blob store")
+    blob_row_max_bytes: int = Field(
+        default=64 * 1024,
+        ge=0,
+        description=(
+            "local backend: blobs up to this size are rows of the database's blob tables, larger "
+            "ones files under blob_path (shared/blobs/tiered.py); 0 keeps every blob a file"
+        ),
+    )
     blob_chunk_size: int = Field(
         default=1024 * 1024, gt=0, description="bytes per chunk when blobs are streamed or stored in rows"
     )

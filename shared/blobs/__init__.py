@@ -3,6 +3,7 @@
 from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, content_key, update_key
 from shared.blobs.local import LocalBlobStore
 from shared.blobs.postgres import PostgresBlobStore
+from shared.blobs.tiered import TieredBlobStore
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -10,6 +11,7 @@ __all__ = [
     "BlobStore",
     "LocalBlobStore",
     "PostgresBlobStore",
+    "TieredBlobStore",
     "content_key",
     "update_key",
 ]

@@ -1,7 +1,8 @@
-"""A blob store in PostgreSQL: each blob a `blob` row and its bytes in ordered `blob_chunk` rows.
+"""A blob store in the database: each blob a `blob` row and its bytes in ordered `blob_chunk` rows.
 
 For distributed mode without a shared volume: every process reaches the same blobs through the
 database it already uses. A blob is written in one transaction, so a reader sees all of it or none.
+On SQLite it holds the small blobs of the local store (`shared.blobs.tiered`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def _claim(insert: postgresql.Insert | sqlite.Insert) -> ReturningInsert[tuple[s
 
 
 _CLAIMED = _claim(postgresql.insert(blob_table)).cte("claimed")
+_CLAIM_SQLITE = _claim(sqlite.insert(blob_table))
+"""On SQLite: the rows of one-chunk blobs whose keys are free, returning those keys (run with many
+rows, SQLAlchemy makes it one multi-row INSERT ... RETURNING)."""
 _WRITE_ONE = (
     blob_chunk_table.insert()
     .from_select(
@@ -186,20 +190,15 @@ class PostgresBlobStore(BlobStore):
         atomic by itself, so on PostgreSQL it runs in autocommit: no BEGIN and COMMIT round trips.
         """
         check_key(key)
-        if self.engine.dialect.name == "postgresql":
-            return await self._groups.submit((key, data))
-        values = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "data": data}
-        async with self.engine.begin() as conn:
-            if (await conn.execute(_claim(sqlite.insert(blob_table)), values)).first() is None:
-                return False
-            await self._write_chunk(conn, key, 0, data)
-            return True
+        return await self._groups.submit((key, data))
 
     async def _write_group(self, blobs: list[tuple[str, bytes]]) -> list[bool | Exception]:
-        """One-chunk blobs put at the same time (`Batches`), written by one autocommit statement
-        (`_WRITE_GROUP`): one round trip and one pooled connection for a round's uploads arriving
-        together. A key given twice is written once (the later ones get False, as after a commit).
-        If the statement fails, each blob is written alone, so one bad blob fails only its caller."""
+        """One-chunk blobs put at the same time (`Batches`), written together: on PostgreSQL by one
+        autocommit statement (`_WRITE_GROUP`: one round trip and one pooled connection for a round's
+        uploads arriving together), on SQLite in one transaction (one turn of the file's one writer
+        instead of one per blob). A key given twice is written once (the later ones get False, as
+        after a commit). If that fails, each blob is written alone, so one bad blob fails only its
+        caller."""
         first: dict[str, int] = {}
         for i, (key, _) in enumerate(blobs):
             first.setdefault(key, i)
@@ -211,22 +210,42 @@ class PostgresBlobStore(BlobStore):
                 return [exc] * len(blobs)
         else:
             unique = [blobs[i] for i in first.values()]
-            params = {
-                "keys": [key for key, _ in unique],
-                "sizes": [len(data) for _, data in unique],
-                "digests": [hashlib.sha256(data).hexdigest() for _, data in unique],
-                "datas": [data for _, data in unique],
-            }
             try:
-                async with self.engine.connect() as conn:
-                    autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    created = set((await autocommit.execute(_WRITE_GROUP, params)).scalars())
+                if self.engine.dialect.name == "sqlite":
+                    created = await self._write_group_sqlite(unique)
+                else:
+                    created = await self._write_group_postgres(unique)
             except Exception:
                 return [
                     await self._outcome_alone(key, data, first[key] == i)
                     for i, (key, data) in enumerate(blobs)
                 ]
         return [key in created and first[key] == i for i, (key, _) in enumerate(blobs)]
+
+    async def _write_group_postgres(self, blobs: list[tuple[str, bytes]]) -> set[str]:
+        params = {
+            "keys": [key for key, _ in blobs],
+            "sizes": [len(data) for _, data in blobs],
+            "digests": [hashlib.sha256(data).hexdigest() for _, data in blobs],
+            "datas": [data for _, data in blobs],
+        }
+        async with self.engine.connect() as conn:
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return set((await autocommit.execute(_WRITE_GROUP, params)).scalars())
+
+    async def _write_group_sqlite(self, blobs: list[tuple[str, bytes]]) -> set[str]:
+        """The blob rows of the keys not yet taken (one multi-row insert returning the keys it
+        created), then those blobs' chunks, in one transaction."""
+        rows = [
+            {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for key, data in blobs
+        ]
+        async with self.engine.begin() as conn:
+            result = await conn.execute(_CLAIM_SQLITE, rows)
+            created: set[str] = {str(row[0]) for row in result.all()}
+            chunks = [{"key": key, "index": 0, "data": data} for key, data in blobs if key in created]
+            if chunks:
+                await conn.execute(blob_chunk_table.insert(), chunks)
+        return created
 
     async def _outcome_alone(self, key: str, data: bytes, writes: bool) -> bool | Exception:
         if not writes:
@@ -237,8 +256,15 @@ class PostgresBlobStore(BlobStore):
             return exc
 
     async def _write_alone(self, key: str, data: bytes) -> bool:
-        """A one-chunk blob by itself: its row and chunk in one autocommit statement (`_WRITE_ONE`)."""
+        """A one-chunk blob by itself: its row and chunk in one autocommit statement (`_WRITE_ONE`),
+        on SQLite in one transaction."""
         values = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "data": data}
+        if self.engine.dialect.name == "sqlite":
+            async with self.engine.begin() as conn:
+                if (await conn.execute(_CLAIM_SQLITE, values)).first() is None:
+                    return False
+                await self._write_chunk(conn, key, 0, data)
+                return True
         async with self.engine.connect() as conn:
             autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
             return (await autocommit.execute(_WRITE_ONE, values)).first() is not None

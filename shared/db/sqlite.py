@@ -51,12 +51,13 @@ def sqlite_engine(url: str, *, busy_timeout_s: float = 30.0, **kwargs: Any) -> A
             return await LoopConnection.open(database, busy_timeout_s)
 
         engine = create_async_engine(url, async_creator=connect, **kwargs)
+        WriterQueue.of_file(database).install(engine)
     else:
         # One connection holds an in-memory database: no pool to size.
         for option in ("pool_size", "max_overflow", "pool_timeout"):
             kwargs.pop(option, None)
         engine = create_async_engine(url, connect_args={"timeout": busy_timeout_s}, **kwargs)
-    WriterQueue().install(engine)
+        WriterQueue().install(engine)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -148,6 +149,17 @@ class WriterQueue:
         """The queue installed on `engine` (None: not a SQLite engine)."""
         return _QUEUES.get(engine.sync_engine)
 
+    @classmethod
+    def of_file(cls, database: str) -> WriterQueue:
+        """The queue of every engine of this process on the file `database`: SQLite's one writer is
+        per file, so two engines on one file (the runtime's and the blob store's own pool) take
+        turns in one queue instead of meeting as strangers at SQLite's busy handler."""
+        path = str(Path(database).resolve())
+        queue = _FILE_QUEUES.get(path)
+        if queue is None:
+            queue = _FILE_QUEUES[path] = cls()
+        return queue
+
     def install(self, engine: AsyncEngine) -> None:
         """Hook the queue into `engine`: before each write statement, after each commit/rollback."""
         sync_engine = engine.sync_engine
@@ -211,6 +223,8 @@ class WriterQueue:
 
 
 _QUEUES: weakref.WeakKeyDictionary[Engine, WriterQueue] = weakref.WeakKeyDictionary()
+_FILE_QUEUES: weakref.WeakValueDictionary[str, WriterQueue] = weakref.WeakValueDictionary()
+"""Each database file's queue while an engine on it holds it (`WriterQueue.of_file`)."""
 
 
 def _dbapi_key(connection: Any) -> int:

@@ -471,6 +471,7 @@ async def test_missing_base_model_blob_fails_the_job(runtime, aggregator, outcom
 async def test_other_writers_commit_while_a_job_runs(settings, runtime, outcomes):
     """A running aggregation holds no write lock: another unit of work commits meanwhile (SQLite)."""
     gated = GatedBlobStore(settings.blob_path)
+    await runtime.blobs.close()  # the runtime's own store (its database pool) gives way
     runtime.blobs = gated
     r = await seed_round(runtime)
     gated.gated.add(r.job.updates[1].blob_key)

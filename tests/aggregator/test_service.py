@@ -60,6 +60,7 @@ async def test_stop_waits_for_the_running_job_to_commit(settings):
     """stop() returns only once the job in flight has committed its model."""
     runtime = await Runtime.open(settings, create_tables=True)
     blobs = GatedBlobStore(settings.blob_path)
+    await runtime.blobs.close()  # the runtime's own store (its database pool) gives way
     runtime.blobs = blobs
     try:
         state = {"w": torch.arange(4, dtype=torch.float32)}

@@ -35,9 +35,15 @@ def api_settings(runtime: Runtime, **overrides: object) -> ApiSettings:
 
 @pytest.fixture
 async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    """An embedded runtime: SQLite in tmp_path, blobs in tmp_path/blobs, a spy on the in-memory bus."""
+    """An embedded runtime: SQLite in tmp_path, blobs in tmp_path/blobs, a spy on the in-memory bus.
+
+    Every blob is a file here (`blob_row_max_bytes=0`), so that tests can see what an upload left;
+    the embedded default keeps small blobs as rows (`TieredBlobStore`), which the blob contract
+    tests, the streamed-upload tests and the end-to-end tests run."""
     settings = CommonSettings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'fedhub.db'}", blob_path=tmp_path / "blobs"
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'fedhub.db'}",
+        blob_path=tmp_path / "blobs",
+        blob_row_max_bytes=0,
     )
     rt = await Runtime.open(settings, bus=RecordingBus(), create_tables=True)
     try:

@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from services.api.main import create_app
 from services.api.uploads import canonical_update
-from shared.blobs import BlobStore, LocalBlobStore, PostgresBlobStore, update_key
+from shared.blobs import BlobStore, LocalBlobStore, PostgresBlobStore, TieredBlobStore, update_key
 from shared.codec import (
     StreamedField,
     StreamedTensor,
@@ -37,13 +37,15 @@ from tests.api.helpers import MSGPACK, Fedhub, Principal, RecordingBus, blob_fil
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["local", "rows"])
+@pytest.fixture(params=["local", "rows", "tiered"])
 async def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Runtime]:
-    """The embedded runtime with each blob store: files, or chunk rows (the PostgreSQL store on SQLite)."""
+    """The embedded runtime with each blob store: files, chunk rows (the PostgreSQL store on SQLite),
+    or both (the embedded default: rows up to 64 KiB, files above)."""
     settings = CommonSettings(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'fedhub.db'}",
         blob_path=tmp_path / "blobs",
-        blob_backend="local" if request.param == "local" else "postgres",
+        blob_backend="postgres" if request.param == "rows" else "local",
+        blob_row_max_bytes={"local": 0, "rows": 0, "tiered": 64 * 1024}[request.param],
     )
     rt = await Runtime.open(settings, bus=RecordingBus(), create_tables=True)
     try:
@@ -63,13 +65,16 @@ def big_model() -> dict[str, TensorRecord]:
 
 
 async def stored_keys(runtime: Runtime) -> set[str]:
-    """Everything either blob store holds: files (temporary ones included) or blob and chunk rows."""
-    if isinstance(runtime.blobs, PostgresBlobStore):
+    """Everything the blob store holds: files (temporary ones included) and blob and chunk rows."""
+    found: set[str] = set()
+    if isinstance(runtime.blobs, PostgresBlobStore | TieredBlobStore):
         async with runtime.engine.connect() as conn:
             keys = {row[0] for row in await conn.execute(text("SELECT key FROM blob"))}
             chunks = await conn.scalar(text("SELECT count(*) FROM blob_chunk"))
-        return keys | {f"chunk-rows:{chunks}"}
-    return blob_files(runtime.settings.blob_path)
+        found |= keys | {f"chunk-rows:{chunks}"}
+    if not isinstance(runtime.blobs, PostgresBlobStore):
+        found |= blob_files(runtime.settings.blob_path)
+    return found
 
 
 class Upload:

@@ -11,16 +11,29 @@ from uuid import uuid4
 
 import pytest
 
-from shared.blobs import BlobNotFound, BlobStore, LocalBlobStore, PostgresBlobStore
+from shared.blobs import BlobNotFound, BlobStore, LocalBlobStore, PostgresBlobStore, TieredBlobStore
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["local", pytest.param("postgres", marks=pytest.mark.integration)])
+@pytest.fixture(
+    params=["local", "rows-sqlite", "tiered", pytest.param("postgres", marks=pytest.mark.integration)]
+)
 async def store(request, tmp_path) -> AsyncIterator[BlobStore]:
-    """Each store under test, chunking at 1 MiB; the PostgreSQL one in the session's migrated database."""
+    """Each store under test, chunking at 1 MiB: files; rows on SQLite; both (the embedded default:
+    rows up to 64 KiB, so the multi-MiB blobs here are files and the small ones rows); rows in the
+    session's migrated PostgreSQL database."""
+    sqlite_url = f"sqlite+aiosqlite:///{tmp_path / 'blobs.db'}"
+    blobs: BlobStore
     if request.param == "local":
-        blobs: BlobStore = LocalBlobStore(tmp_path / "blobs", chunk_size=MiB)
+        blobs = LocalBlobStore(tmp_path / "blobs", chunk_size=MiB)
+    elif request.param in ("rows-sqlite", "tiered"):
+        rows = PostgresBlobStore(sqlite_url, chunk_size=MiB)
+        await rows.create_tables()
+        files = LocalBlobStore(tmp_path / "blobs", chunk_size=MiB)
+        blobs = (
+            rows if request.param == "rows-sqlite" else TieredBlobStore(rows, files, max_row_bytes=64 * 1024)
+        )
     else:
         blobs = PostgresBlobStore(request.getfixturevalue("postgres_url"), chunk_size=MiB)
     yield blobs
