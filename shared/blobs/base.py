@@ -34,6 +34,37 @@ def check_key(key: str) -> str:
     return key
 
 
+async def gather_up_to(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes | None, AsyncIterator[bytes]]:
+    """Read `chunks` until more than `limit` bytes came or they ended.
+
+    Within `limit`: (the whole blob, nothing more to read). Beyond it: (None, a stream of every
+    chunk, the ones read here first, then the rest as they come), so that a store can write a
+    small blob in one go and stream a large one."""
+    head: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        head.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    else:
+        return b"".join(head), _nothing()
+
+    async def everything() -> AsyncIterator[bytes]:
+        for chunk in head:
+            yield chunk
+        head.clear()
+        async for chunk in chunks:
+            yield chunk
+
+    return None, everything()
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing
+
+
 class BlobNotFound(NotFound):
     """A blob key has no bytes behind it."""
 

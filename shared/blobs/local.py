@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, check_key
+from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, check_key, gather_up_to
 from shared.coalesce import Batches
 
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -71,26 +71,17 @@ class LocalBlobStore(BlobStore):
         off the loop (one thread hop instead of one per step: most updates are small).
         """
         path = self._path(key)
-        head: list[bytes] = []
-        size = 0
-        async for chunk in chunks:
-            head.append(chunk)
-            size += len(chunk)
-            if size > SMALL_BLOB:
-                break
-        else:
-            data = b"".join(head)
-            if size <= GROUPED_BLOB:
-                return await self._groups.submit((path, data))
-            return await asyncio.to_thread(self._put, path, data)
+        whole, stream = await gather_up_to(chunks, SMALL_BLOB)
+        if whole is not None:
+            if len(whole) <= GROUPED_BLOB:
+                return await self._groups.submit((path, whole))
+            return await asyncio.to_thread(self._put, path, whole)
         if await asyncio.to_thread(path.exists):
             return False
         f, tmp = await asyncio.to_thread(self._open_temp, path)
         try:
             with f:
-                await asyncio.to_thread(f.writelines, head)
-                del head
-                async for chunk in chunks:
+                async for chunk in stream:
                     await asyncio.to_thread(f.write, chunk)
         except BaseException:
             await asyncio.to_thread(_unlink, tmp)

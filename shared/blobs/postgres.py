@@ -33,7 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.dml import ReturningInsert
 
-from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, check_key
+from shared.blobs.base import DEFAULT_CHUNK_SIZE, BlobNotFound, BlobStore, check_key, gather_up_to
 from shared.coalesce import Batches
 from shared.db.base import create_engine
 
@@ -163,24 +163,10 @@ class PostgresBlobStore(BlobStore):
 
         A stream that ends within one chunk is written by `_write_one` (most updates are small).
         """
-        head: list[bytes] = []
-        size = 0
-        async for chunk in chunks:
-            head.append(chunk)
-            size += len(chunk)
-            if size > self.chunk_size:
-                break
-        else:
-            return await self._write_one(key, b"".join(head))
-
-        async def rest() -> AsyncIterator[bytes]:
-            for chunk in head:
-                yield chunk
-            head.clear()
-            async for chunk in chunks:
-                yield chunk
-
-        return await self._write(key, rest())
+        whole, stream = await gather_up_to(chunks, self.chunk_size)
+        if whole is not None:
+            return await self._write_one(key, whole)
+        return await self._write(key, stream)
 
     async def _write_one(self, key: str, data: bytes) -> bool:
         """A blob of one chunk: its row, complete, and its chunk in one statement (PostgreSQL).

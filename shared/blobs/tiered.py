@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from shared.blobs.base import BlobNotFound, BlobStore
+from shared.blobs.base import BlobNotFound, BlobStore, gather_up_to
 from shared.blobs.local import LocalBlobStore
 from shared.blobs.postgres import PostgresBlobStore
 
@@ -43,24 +43,10 @@ class TieredBlobStore(BlobStore):
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> bool:
         """Gather up to `max_row_bytes`: a blob that ends within them is a row, a longer one streams
         to a file (the gathered head first)."""
-        head: list[bytes] = []
-        size = 0
-        async for chunk in chunks:
-            head.append(chunk)
-            size += len(chunk)
-            if size > self.max_row_bytes:
-                break
-        else:
-            return await self.rows.put(key, b"".join(head))
-
-        async def rest() -> AsyncIterator[bytes]:
-            for chunk in head:
-                yield chunk
-            head.clear()
-            async for chunk in chunks:
-                yield chunk
-
-        return await self.files.put_stream(key, rest())
+        whole, stream = await gather_up_to(chunks, self.max_row_bytes)
+        if whole is not None:
+            return await self.rows.put(key, whole)
+        return await self.files.put_stream(key, stream)
 
     async def get(self, key: str) -> bytes:
         """The whole blob, from the rows or else the files."""

@@ -10,20 +10,19 @@ from sqlalchemy import update
 
 from services.orchestrator.handlers import HANDLERS, check_deadline
 from shared.bus.base import envelope_for
-from shared.db.models import Model, Training, TrainingRound
+from shared.db.models import Training, TrainingRound
 from shared.enums import RoundPhase, TrainingState
 from shared.events import (
     AggregateRound,
     AggregationFailed,
     CancelTraining,
-    ModelAggregated,
     NotificationIssued,
     StartTraining,
     utcnow,
 )
 from shared.messaging import Consumer
 from shared.runtime import Runtime
-from tests.orchestrator.test_handlers import _add_update, _outbox, _state, _training
+from tests.orchestrator.test_handlers import _add_update, _aggregated_model, _outbox, _state, _training
 
 
 async def test_cancel_while_aggregating_closes_the_round_and_ignores_the_late_job(runtime: Runtime) -> None:
@@ -51,19 +50,8 @@ async def test_cancel_while_aggregating_closes_the_round_and_ignores_the_late_jo
         r = await uow.session.get(TrainingRound, (training_id, 1))
         assert r is not None and r.finished_at is not None
 
-    new_model = uuid4()
-    async with runtime.uow() as uow:
-        uow.session.add(Model(id=new_model, blob_key="sha256/def", digest="def", size_bytes=1, spec={}))
     late = [
-        ModelAggregated(
-            job_id=uuid4(),
-            training_id=training_id,
-            round=1,
-            model_id=new_model,
-            blob_key="sha256/def",
-            num_updates=2,
-            num_examples=20,
-        ),
+        await _aggregated_model(runtime, training_id),
         AggregationFailed(job_id=uuid4(), training_id=training_id, round=1, reason="late"),
         CancelTraining(training_id=training_id, requested_by=uuid4()),
     ]

@@ -121,6 +121,22 @@ async def _add_legacy_update(rt: Runtime, training_id: UUID, client_id: UUID, ro
     )
 
 
+async def _aggregated_model(rt: Runtime, training_id: UUID) -> ModelAggregated:
+    """A new model's row, and the `ModelAggregated` of round 1 (two updates, 20 examples) naming it."""
+    model_id = uuid4()
+    async with rt.uow() as uow:
+        uow.session.add(Model(id=model_id, blob_key="sha256/def", digest="def", size_bytes=1, spec={}))
+    return ModelAggregated(
+        job_id=uuid4(),
+        training_id=training_id,
+        round=1,
+        model_id=model_id,
+        blob_key="sha256/def",
+        num_updates=2,
+        num_examples=20,
+    )
+
+
 async def test_start_then_updates_emit_notifications_and_an_ordered_aggregation_job(runtime: Runtime) -> None:
     """StartTraining -> ONGOING + 2 notifications; the last update -> AGGREGATING + AggregateRound."""
     consumer = Consumer("orchestrator", HANDLERS, runtime.uow)
@@ -153,18 +169,8 @@ async def test_model_aggregated_moves_to_testing_and_records_the_round(runtime: 
     for c in clients:
         await consumer.handle(envelope_for(await _add_update(runtime, training_id, c, 1)))
     await _outbox(runtime)
-    new_model = uuid4()
-    async with runtime.uow() as uow:
-        uow.session.add(Model(id=new_model, blob_key="sha256/def", digest="def", size_bytes=1, spec={}))
-    event = ModelAggregated(
-        job_id=uuid4(),
-        training_id=training_id,
-        round=1,
-        model_id=new_model,
-        blob_key="sha256/def",
-        num_updates=2,
-        num_examples=20,
-    )
+    event = await _aggregated_model(runtime, training_id)
+    new_model = event.model_id
     envelope = envelope_for(event)
     await consumer.handle(envelope)
     await consumer.handle(envelope)  # redelivery
@@ -365,19 +371,7 @@ async def test_test_reports_move_the_round_on_batched_or_one_by_one(runtime: Run
     await consumer.handle(envelope_for(StartTraining(training_id=training_id, requested_by=uuid4())))
     for c in clients:
         await consumer.handle(envelope_for(await _add_update(runtime, training_id, c, 1)))
-    new_model = uuid4()
-    async with runtime.uow() as uow:
-        uow.session.add(Model(id=new_model, blob_key="sha256/def", digest="def", size_bytes=1, spec={}))
-    aggregated = ModelAggregated(
-        job_id=uuid4(),
-        training_id=training_id,
-        round=1,
-        model_id=new_model,
-        blob_key="sha256/def",
-        num_updates=2,
-        num_examples=20,
-    )
-    await consumer.handle(envelope_for(aggregated))
+    await consumer.handle(envelope_for(await _aggregated_model(runtime, training_id)))
     await _outbox(runtime)
 
     async def report(client_id: UUID) -> None:
