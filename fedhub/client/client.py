@@ -11,8 +11,9 @@ import asyncio
 import base64
 import binascii
 import hashlib
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+import inspect
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
 
 import aiohttp
@@ -46,11 +47,20 @@ INLINE_BYTES = 256 * 1024
 more than the work. Larger ones, and `fit` and `evaluate` always, run in a worker thread."""
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` inline for payloads up to `INLINE_BYTES`, else in a worker thread."""
     return await off_loop(size <= INLINE_BYTES, fn, *args)
+
+
+async def _call(fn: Callable[..., R | Coroutine[Any, Any, R]], *args: Any) -> R:
+    """A user callback: an `async def` one awaited here, a plain one run in a worker thread."""
+    if inspect.iscoroutinefunction(fn):
+        result: R = await fn(*args)
+        return result
+    return cast(R, await asyncio.to_thread(fn, *args))
 
 
 def _tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -65,9 +75,12 @@ class Client:
     base_url, token
         The server (e.g. ``http://localhost:8000``) and this client's bearer token.
     fit
-        ``(weights, config) -> (new_weights, num_examples, metrics)``, run in a worker thread.
+        ``(weights, config) -> (new_weights, num_examples, metrics)``, run in a worker thread; an
+        ``async def`` one is awaited on the event loop instead (no thread hop: for asynchronous
+        work, or many simulated clients in one process).
     evaluate
-        ``(weights, config) -> (num_examples, metrics)``; without it test rounds are skipped.
+        ``(weights, config) -> (num_examples, metrics)``, run as ``fit`` is; without it test
+        rounds are skipped.
     training_id
         The training to follow; ``None`` follows the first training the client hears of.
     http
@@ -238,7 +251,7 @@ class _Session:
         self.updates_done.add(round_)
         weights = await self.weights(model_id)
         config = self.config(round_, model_id)
-        new_weights, num_examples, metrics = await asyncio.to_thread(self.client.fit, weights, config)
+        new_weights, num_examples, metrics = await _call(self.client.fit, weights, config)
         num_examples, metrics = _checked(num_examples, metrics, "fit")
         size = _tensor_bytes(new_weights)
         outgoing = await _off_loop(size, self.outgoing, new_weights)
@@ -282,7 +295,7 @@ class _Session:
         self.open_test_round = round_
         self.tests_done.add(round_)
         weights = await self.weights(model_id)
-        num_examples, metrics = await asyncio.to_thread(evaluate, weights, self.config(round_, model_id))
+        num_examples, metrics = await _call(evaluate, weights, self.config(round_, model_id))
         num_examples, metrics = _checked(num_examples, metrics, "evaluate")
         try:
             await self.transport.request(

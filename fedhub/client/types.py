@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -14,13 +14,25 @@ from fedhub.client.sse import ServerSentEvent
 if TYPE_CHECKING:
     import torch
 
-FitFn: TypeAlias = Callable[
-    [dict[str, "torch.Tensor"], dict[str, Any]], tuple[dict[str, "torch.Tensor"], int, dict[str, float]]
-]
-"""(global weights, config) -> (new weights, number of training examples, train metrics)."""
+FitResult: TypeAlias = tuple[dict[str, "torch.Tensor"], int, dict[str, float]]
+"""(new weights, number of training examples, train metrics)."""
 
-EvaluateFn: TypeAlias = Callable[[dict[str, "torch.Tensor"], dict[str, Any]], tuple[int, dict[str, float]]]
-"""(global weights, config) -> (number of test examples, test metrics)."""
+FitFn: TypeAlias = Callable[
+    [dict[str, "torch.Tensor"], dict[str, Any]], FitResult | Coroutine[Any, Any, FitResult]
+]
+"""(global weights, config) -> (new weights, number of training examples, train metrics).
+
+A plain function runs in a worker thread (training blocks); an `async def` one is awaited on the
+client's event loop, for work that is asynchronous already or too small for a thread hop (a
+simulation of many clients in one process)."""
+
+EvaluateResult: TypeAlias = tuple[int, dict[str, float]]
+"""(number of test examples, test metrics)."""
+
+EvaluateFn: TypeAlias = Callable[
+    [dict[str, "torch.Tensor"], dict[str, Any]], EvaluateResult | Coroutine[Any, Any, EvaluateResult]
+]
+"""(global weights, config) -> (number of test examples, test metrics); run as `FitFn` is."""
 
 EventHook: TypeAlias = Callable[[str, dict[str, Any]], None]
 """Called with ("uploaded" | "tested" | "finished", details) as a client makes progress."""

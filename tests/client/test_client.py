@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import ssl
+import threading
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -646,3 +647,56 @@ async def test_clients_share_one_tls_context(monkeypatch: pytest.MonkeyPatch) ->
     assert verify[0] is verify[1] is shared_tls()
     assert isinstance(verify[0], ssl.SSLContext)
     assert verify[0].verify_mode == ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize("kind", ["async", "plain"])
+async def test_async_callbacks_run_on_the_loop_plain_ones_in_a_thread(
+    server: ScriptedServer, http, kind: str
+) -> None:
+    """An `async def` fit / evaluate is awaited on the client's event loop (no thread hop), a plain
+    one runs in a worker thread; either way the round's upload and test report are the same."""
+    server.stream(
+        sse(1, "UPDATE_ROUND_START", T, round=1, global_model_uuid=M0),
+        sse(2, "MODEL_TEST_ROUND", T, round=1, global_model_uuid=M1),
+        sse(3, "TRAINING_FINISHED", T, round=1, global_model_uuid=M1),
+        Hang(),
+    )
+    server.on("GET", TRAINING, training("INITIAL"), training("COMPLETED", round_=1, model=M1))
+    for m in (M0, M1):
+        server.on("GET", f"/v1/models/{m}/weights", weights_response(MODELS[m]))
+    server.on("POST", UPDATES, created(1))
+    server.on("POST", TEST_METRICS, metrics_created(1))
+    rec, threads = Recorder(), []
+
+    if kind == "async":
+
+        async def fit(weights, config):
+            threads.append(threading.get_ident())
+            return rec.fit(weights, config)
+
+        async def evaluate(weights, config):
+            threads.append(threading.get_ident())
+            return rec.evaluate(weights, config)
+    else:
+
+        def fit(weights, config):
+            threads.append(threading.get_ident())
+            return rec.fit(weights, config)
+
+        def evaluate(weights, config):
+            threads.append(threading.get_ident())
+            return rec.evaluate(weights, config)
+
+    client = Client(BASE, TOKEN, fit=fit, evaluate=evaluate, training_id=T, http=http, retry=FAST, name="c1")
+    result = await client.run()
+
+    loop_thread = threading.get_ident()
+    assert len(threads) == 2
+    assert all((t == loop_thread) is (kind == "async") for t in threads)
+    (upload,) = server.requests_to("POST", UPDATES)
+    doc, tensors = decode_update(upload)
+    assert (doc["round"], doc["num_examples"], doc["metrics"]) == (1, 7, {"loss": 0.25})
+    assert_same_state(tensors, {k: v + 1 for k, v in MODELS[M0].items()})
+    (report,) = server.requests_to("POST", TEST_METRICS)
+    assert json.loads(report.content) == {"round": 1, "num_examples": 3, "metrics": {"accuracy": 0.5}}
+    assert (result.rounds_trained, result.rounds_tested) == ((1,), (1,))
