@@ -106,7 +106,7 @@ class EmbeddedServer:
         aggregator = Aggregator(AggregatorSettings(**common), runtime)
         notifier = Notifier(NotifierSettings(**common, keepalive_s=s.keepalive_s), runtime)
         app = create_app(ApiSettings(**common, admin_token=s.admin_token), runtime)
-        app.include_router(notifier.router)
+        notifier.serve_on(app)
 
         for service in (orchestrator, aggregator, notifier):
             await service.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from starlette.responses import Response
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.metrics import CONTENT_TYPE, REGISTRY, Registry
@@ -63,6 +64,17 @@ class RequestMetrics:
                     route=route if isinstance(route, str) else UNMATCHED,
                     status=status,
                 )
+
+
+class LabelledRoute(Route):
+    """A Starlette route that names itself as the request's route (`scope["route"]`), as FastAPI's
+    routes do, so that `RequestMetrics` labels its requests with its template."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is Match.FULL:
+            child["route"] = self
+        return match, child
 
 
 def metrics_response(registry: Registry = REGISTRY) -> Response:

@@ -33,7 +33,8 @@ def error_response(status_code: int, name: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": name, "detail": detail}, status_code=status_code, headers=headers)
 
 
-def _describe(errors: Sequence[Any]) -> str:
+def describe(errors: Sequence[Any]) -> str:
+    """Validation errors as one line: `<where>: <what>; ...`."""
     parts = []
     for err in errors:
         loc = ".".join(str(p) for p in err.get("loc", ()))
@@ -54,7 +55,7 @@ class ErrorMappingRoute(APIRoute):
             except FedhubError as exc:
                 return error_response(exc.status_code, exc.name, exc.detail)
             except RequestValidationError as exc:
-                return error_response(422, "ValidationError", _describe(exc.errors()))
+                return error_response(422, "ValidationError", describe(exc.errors()))
 
         return mapped
 

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from services.notifier import models as _tables  # noqa: F401 - registers the notifier's tables on Base
 from services.notifier.handlers import InlineModels, notifier_handlers
 from services.notifier.settings import NotifierSettings
-from services.notifier.sse import Hub, events_router
+from services.notifier.sse import EventStream, EventStreamRoute, Hub, events_router
 from services.notifier.webhooks import WebhookWorker, webhook_router
 from shared.auth import PrincipalCache
 from shared.bus.base import Envelope
@@ -51,10 +51,9 @@ class Notifier:
             runtime.uow,
         )
         self.principals = PrincipalCache(settings.auth_cache_s)
+        self.stream = EventStream(self.hub, runtime.uow, settings.keepalive_s, self.principals)
         self.router = APIRouter()
-        self.router.include_router(
-            events_router(self.hub, runtime.uow, settings.keepalive_s, self.principals)
-        )
+        self.router.include_router(events_router(self.stream))
         self.router.include_router(webhook_router(runtime.uow, self.principals))
         self._started = False
         self._stopping = False
@@ -92,6 +91,12 @@ class Notifier:
             async with asyncio.timeout(1.0):
                 await self.hub.wait_empty()
         log.info("notifier.stopped", open_streams=len(self.hub))
+
+    def serve_on(self, app: FastAPI) -> None:
+        """Serve the notifier's routes from `app`: its router, and the event stream's own route
+        (`EventStreamRoute`) before every other, so that streams skip FastAPI's route machinery."""
+        app.include_router(self.router)
+        app.router.routes.insert(0, EventStreamRoute(self.stream))
 
     def end_streams(self) -> None:
         """End every open event stream now; clients reconnect elsewhere with `Last-Event-ID`."""
@@ -148,7 +153,7 @@ def create_app(settings: NotifierSettings, runtime: Runtime | None = None) -> Fa
             notifier = Notifier(settings, rt)
             # The routes need the runtime, which exists only from here on; Starlette matches
             # routes per request, so adding them before the first request is served is enough.
-            app.include_router(notifier.router)
+            notifier.serve_on(app)
             await notifier.start()
             stack.push_async_callback(notifier.stop)
             state["runtime"] = rt

@@ -7,22 +7,26 @@ in between arrives by both paths; the stream sends each seq once, in increasing 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import Annotated
+from urllib.parse import parse_qsl
 from uuid import UUID
 
 import structlog
 from fastapi import APIRouter, Header, Query
+from fastapi.exceptions import RequestValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from services.notifier.deps import ErrorMappingRoute, NotifierStopping, authenticate
+from services.notifier.deps import ErrorMappingRoute, NotifierStopping, authenticate, describe, error_response
 from services.notifier.models import Notification, NotificationReceiver
 from services.notifier.payloads import KEEPALIVE, LiveNotification, dumps, sse_frame
 from shared.auth import PrincipalCache, bearer_token
 from shared.db.uow import UnitOfWorkFactory
-from shared.errors import MalformedPayload
+from shared.errors import FedhubError, MalformedPayload
+from shared.http_metrics import LabelledRoute
 from shared.metrics import REGISTRY
 
 log = structlog.get_logger(component="notifier.sse")
@@ -37,6 +41,9 @@ DELIVERED_SECONDS = REGISTRY.histogram(
     "From a notification's issue to its frame written to one live stream (per stream)",
     ("notification_type",),
 )
+
+CLIENT_LEFT = "client left"
+"""Why a stream's subscription ended when its client disconnected (`EventStream`)."""
 
 REPLAY_PAGE = 500
 """Notifications read per replay query; no transaction stays open while a page is sent."""
@@ -208,7 +215,8 @@ async def event_frames(
             yield KEEPALIVE
             continue
         if live is None:
-            log.info("events.stream_ended", principal_id=str(sub.principal_id), reason=sub.ended)
+            if sub.ended != CLIENT_LEFT:
+                log.info("events.stream_ended", principal_id=str(sub.principal_id), reason=sub.ended)
             return
         if last_sent is not None and live.seq <= last_sent:
             continue
@@ -222,53 +230,125 @@ async def event_frames(
             DELIVERED_SECONDS.observe(written - live.issued_at, notification_type=live.notification_type)
 
 
-class EventStreamResponse(StreamingResponse):
-    """`text/event-stream` that ends as soon as the client disconnects, whatever the ASGI version.
+class EventStream:
+    """`GET /v1/events` as a plain ASGI app, served by an `EventStreamRoute` placed before the
+    documented FastAPI route (which stays for the OpenAPI document).
 
-    Starlette watches for a disconnect only below ASGI 2.4; above, it notices only at the next
-    write, up to a keepalive later. `on_close` runs however the stream ends.
+    An open stream lasts as long as its client listens, and everything its request holds while it
+    waits is memory per client: through FastAPI's route machinery and a `StreamingResponse` (two
+    tasks and their futures) an idle stream cost the process 34 KiB; here it is one task waiting on
+    its subscription and one on the connection. The answers are the FastAPI route's: the same
+    parameters (the training id checked first, then the caller), the same error shape, status and
+    headers (`deps.error_response`), the same frames.
     """
 
-    media_type = "text/event-stream"
-
-    def __init__(self, frames: AsyncGenerator[bytes, None], on_close: Callable[[], None]) -> None:
-        super().__init__(
-            frames,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._frames = frames
-        self._on_close = on_close
+    def __init__(
+        self, hub: Hub, uow: UnitOfWorkFactory, keepalive_s: float, principals: PrincipalCache | None
+    ) -> None:
+        self.hub = hub
+        self.uow = uow
+        self.keepalive_s = keepalive_s
+        self.principals = principals
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Stream until the frames end or the client goes, whichever comes first."""
-        streaming = asyncio.ensure_future(self.stream_response(send))
-        watching = asyncio.ensure_future(_until_disconnect(receive))
+        """Refuse with the error shape, or stream until the hub ends it or the client leaves."""
         try:
-            await asyncio.wait((streaming, watching), return_when=asyncio.FIRST_COMPLETED)
+            sub, after = await self._subscribe(scope)
+        except RequestValidationError as exc:
+            await error_response(422, "ValidationError", describe(exc.errors()))(scope, receive, send)
+            return
+        except FedhubError as exc:
+            await error_response(exc.status_code, exc.name, exc.detail)(scope, receive, send)
+            return
+        try:
+            missed = None if after is None else replay(self.uow, sub.principal_id, after, sub.training_id)
+            frames = event_frames(sub, missed, after, self.keepalive_s)
+            log.info(
+                "events.stream_opened",
+                principal_id=str(sub.principal_id),
+                training_id=str(sub.training_id) if sub.training_id else None,
+                last_event_id=after,
+            )
+            watching = asyncio.ensure_future(_end_when_gone(receive, sub))
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+                async with contextlib.aclosing(frames):
+                    async for frame in frames:
+                        await send({"type": "http.response.body", "body": frame, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            except OSError:
+                pass  # a write to a vanished client is how ASGI 2.4 servers report a disconnect
+            finally:
+                watching.cancel()
         finally:
-            for task in (streaming, watching):
-                task.cancel()
-            await asyncio.gather(streaming, watching, return_exceptions=True)
-            await self._frames.aclose()
-            self._on_close()
-        failure = None if streaming.cancelled() else streaming.exception()
-        # A write to a vanished client is how ASGI 2.4 servers report a disconnect: not an error.
-        if failure is not None and not isinstance(failure, OSError):
-            raise failure
+            self.hub.unsubscribe(sub)
+
+    async def _subscribe(self, scope: Scope) -> tuple[Subscription, int | None]:
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        headers: dict[bytes, str] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value.decode("latin-1"))
+        training_id = _query_uuid(query, "training_id")
+        authorization = headers.get(b"authorization")
+        access_token = query.get("access_token")
+        token = (
+            access_token
+            if authorization is None and access_token is not None
+            else bearer_token(authorization)
+        )
+        principal_id = await authenticate(self.uow, token, self.principals)
+        last_event_id = headers.get(b"last-event-id")
+        after = _parse_last_event_id(
+            last_event_id if last_event_id is not None else query.get("last_event_id")
+        )
+        return self.hub.subscribe(principal_id, training_id), after
 
 
-async def _until_disconnect(receive: Receive) -> None:
+_STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+_UUID: TypeAdapter[UUID] = TypeAdapter(UUID)
+
+
+def _query_uuid(query: dict[str, str], name: str) -> UUID | None:
+    """A query parameter that must be a UUID if given; FastAPI's own validation error if not."""
+    raw = query.get(name)
+    if raw is None:
+        return None
+    try:
+        return _UUID.validate_python(raw)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("query", name)} for e in exc.errors()]) from None
+
+
+async def _end_when_gone(receive: Receive, sub: Subscription) -> None:
+    """End `sub` when its client disconnects, so that its stream finishes at once (not at the next
+    keepalive write)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+    sub.end(CLIENT_LEFT)
 
 
-def events_router(
-    hub: Hub, uow: UnitOfWorkFactory, keepalive_s: float, principals: PrincipalCache | None = None
-) -> APIRouter:
-    """The `GET /v1/events` route over `hub` and the database behind `uow` (callers from `principals`)."""
+class EventStreamRoute(LabelledRoute):
+    """The route of an `EventStream`: `GET /v1/events` (HEAD is the FastAPI route's: 405)."""
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__("/v1/events", stream, methods=["GET"], include_in_schema=False)
+        self.methods = {"GET"}
+
+
+def events_router(stream: EventStream) -> APIRouter:
+    """The documented `GET /v1/events` route: its parameters and answers in the OpenAPI document.
+
+    The app serves the route through `stream`'s `EventStreamRoute`, placed before it
+    (`Notifier.serve_on`); where that is not mounted this route hands the request to `stream` too,
+    once FastAPI has checked the same parameters."""
     router = APIRouter(route_class=ErrorMappingRoute, tags=["notifications"])
 
-    @router.get("/v1/events", status_code=200, response_class=EventStreamResponse, response_model=None)
+    @router.get("/v1/events", status_code=200, response_class=_Streamed, response_model=None)
     async def events(
         authorization: Annotated[str | None, Header()] = None,
         access_token: Annotated[
@@ -279,30 +359,22 @@ def events_router(
         last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> Response:
         """Server-sent notifications for the caller; `Last-Event-ID` first replays what it missed."""
-        if authorization is None and access_token is not None:
-            token = access_token
-        else:
-            token = bearer_token(authorization)
-        principal_id = await authenticate(uow, token, principals)
-        after = _parse_last_event_id(
-            last_event_id_header if last_event_id_header is not None else last_event_id
-        )
-        sub = hub.subscribe(principal_id, training_id)
-        try:
-            missed = None if after is None else replay(uow, principal_id, after, training_id)
-            frames = event_frames(sub, missed, after, keepalive_s)
-            log.info(
-                "events.stream_opened",
-                principal_id=str(principal_id),
-                training_id=str(training_id) if training_id else None,
-                last_event_id=after,
-            )
-            return EventStreamResponse(frames, on_close=lambda: hub.unsubscribe(sub))
-        except BaseException:
-            hub.unsubscribe(sub)
-            raise
+        return _Streamed(stream)
 
     return router
+
+
+class _Streamed(Response):
+    """The documented route's answer: the request handed to the `EventStream`."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__()
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._stream(scope, receive, send)
 
 
 def _parse_last_event_id(raw: str | None) -> int | None:

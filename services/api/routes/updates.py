@@ -9,8 +9,6 @@ from uuid import UUID
 from fastapi import APIRouter, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
-from starlette.routing import Match, Route
-from starlette.types import Scope
 
 from services.api import service
 from services.api.deps import client_call
@@ -27,6 +25,7 @@ from services.api.schemas import (
 )
 from services.api.uploads import request_chunks
 from shared.codec import TensorDocumentReader
+from shared.http_metrics import LabelledRoute
 
 router = APIRouter(prefix="/v1/trainings/{training_id}", tags=["updates"])
 
@@ -137,7 +136,7 @@ Report = Callable[[UUID, Request], Awaitable[Response]]
 _UUID: TypeAdapter[UUID] = TypeAdapter(UUID)
 
 
-class DirectRoute(Route):
+class DirectRoute(LabelledRoute):
     """One of the report routes served without FastAPI's per-request machinery.
 
     FastAPI wraps each request to a route in three exit stacks, solves its parameters and calls the
@@ -157,12 +156,6 @@ class DirectRoute(Route):
         super().__init__(path, call, methods=["POST"], include_in_schema=False)
         self.call = call
         """The endpoint with its training id: what the app's `HotLane` calls."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
-        if match is Match.FULL:
-            child["route"] = self
-        return match, child
 
 
 def _training_id(request: Request) -> UUID:
