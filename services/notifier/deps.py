@@ -33,6 +33,13 @@ def error_response(status_code: int, name: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": name, "detail": detail}, status_code=status_code, headers=headers)
 
 
+def error_answer(exc: FedhubError | RequestValidationError) -> JSONResponse:
+    """The error shape's answer to a refusal: the error's own status, or 422 for invalid parameters."""
+    if isinstance(exc, RequestValidationError):
+        return error_response(422, "ValidationError", describe(exc.errors()))
+    return error_response(exc.status_code, exc.name, exc.detail)
+
+
 def describe(errors: Sequence[Any]) -> str:
     """Validation errors as one line: `<where>: <what>; ...`."""
     parts = []
@@ -52,10 +59,8 @@ class ErrorMappingRoute(APIRoute):
         async def mapped(request: Request) -> Response:
             try:
                 return await handler(request)
-            except FedhubError as exc:
-                return error_response(exc.status_code, exc.name, exc.detail)
-            except RequestValidationError as exc:
-                return error_response(422, "ValidationError", describe(exc.errors()))
+            except (FedhubError, RequestValidationError) as exc:
+                return error_answer(exc)
 
         return mapped
 

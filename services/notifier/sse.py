@@ -15,18 +15,18 @@ from uuid import UUID
 import structlog
 from fastapi import APIRouter, Header, Query
 from fastapi.exceptions import RequestValidationError
-from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from services.notifier.deps import ErrorMappingRoute, NotifierStopping, authenticate, describe, error_response
+from services.notifier.deps import ErrorMappingRoute, NotifierStopping, authenticate, error_answer
 from services.notifier.models import Notification, NotificationReceiver
 from services.notifier.payloads import KEEPALIVE, LiveNotification, dumps, sse_frame
 from shared.auth import PrincipalCache, bearer_token
 from shared.db.uow import UnitOfWorkFactory
 from shared.errors import FedhubError, MalformedPayload
 from shared.http_metrics import LabelledRoute
+from shared.http_params import uuid_param
 from shared.metrics import REGISTRY
 
 log = structlog.get_logger(component="notifier.sse")
@@ -239,7 +239,7 @@ class EventStream:
     tasks and their futures) an idle stream cost the process 34 KiB; here it is one task waiting on
     its subscription and one on the connection. The answers are the FastAPI route's: the same
     parameters (the training id checked first, then the caller), the same error shape, status and
-    headers (`deps.error_response`), the same frames.
+    headers (`deps.error_answer`), the same frames.
     """
 
     def __init__(
@@ -254,11 +254,8 @@ class EventStream:
         """Refuse with the error shape, or stream until the hub ends it or the client leaves."""
         try:
             sub, after = await self._subscribe(scope)
-        except RequestValidationError as exc:
-            await error_response(422, "ValidationError", describe(exc.errors()))(scope, receive, send)
-            return
-        except FedhubError as exc:
-            await error_response(exc.status_code, exc.name, exc.detail)(scope, receive, send)
+        except (FedhubError, RequestValidationError) as exc:
+            await error_answer(exc)(scope, receive, send)
             return
         try:
             missed = None if after is None else replay(self.uow, sub.principal_id, after, sub.training_id)
@@ -310,18 +307,11 @@ _STREAM_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 
-_UUID: TypeAdapter[UUID] = TypeAdapter(UUID)
-
 
 def _query_uuid(query: dict[str, str], name: str) -> UUID | None:
     """A query parameter that must be a UUID if given; FastAPI's own validation error if not."""
     raw = query.get(name)
-    if raw is None:
-        return None
-    try:
-        return _UUID.validate_python(raw)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("query", name)} for e in exc.errors()]) from None
+    return None if raw is None else uuid_param(raw, "query", name)
 
 
 async def _end_when_gone(receive: Receive, sub: Subscription) -> None:

@@ -243,14 +243,10 @@ class PostgresBlobStore(BlobStore):
 
     async def _write_alone(self, key: str, data: bytes) -> bool:
         """A one-chunk blob by itself: its row and chunk in one autocommit statement (`_WRITE_ONE`),
-        on SQLite in one transaction."""
-        values = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "data": data}
+        on SQLite a group of one (`_write_group_sqlite`)."""
         if self.engine.dialect.name == "sqlite":
-            async with self.engine.begin() as conn:
-                if (await conn.execute(_CLAIM_SQLITE, values)).first() is None:
-                    return False
-                await self._write_chunk(conn, key, 0, data)
-                return True
+            return key in await self._write_group_sqlite([(key, data)])
+        values = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "data": data}
         async with self.engine.connect() as conn:
             autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
             return (await autocommit.execute(_WRITE_ONE, values)).first() is not None

@@ -7,8 +7,6 @@ from typing import Any
 from uuid import UUID
 
 from fastapi import APIRouter, Request, Response, status
-from fastapi.exceptions import RequestValidationError
-from pydantic import TypeAdapter, ValidationError
 
 from services.api import service
 from services.api.deps import client_call
@@ -26,6 +24,7 @@ from services.api.schemas import (
 from services.api.uploads import request_chunks
 from shared.codec import TensorDocumentReader
 from shared.http_metrics import LabelledRoute
+from shared.http_params import uuid_param
 
 router = APIRouter(prefix="/v1/trainings/{training_id}", tags=["updates"])
 
@@ -133,8 +132,6 @@ def _content_length(request: Request) -> int | None:
 
 Report = Callable[[UUID, Request], Awaitable[Response]]
 
-_UUID: TypeAdapter[UUID] = TypeAdapter(UUID)
-
 
 class DirectRoute(LabelledRoute):
     """One of the report routes served without FastAPI's per-request machinery.
@@ -160,12 +157,7 @@ class DirectRoute(LabelledRoute):
 
 def _training_id(request: Request) -> UUID:
     """The path's training id, or FastAPI's own 422 for a path parameter that is not a UUID."""
-    try:
-        return _UUID.validate_python(request.path_params["training_id"])
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**error, "loc": ("path", "training_id")} for error in exc.errors()]
-        ) from None
+    return uuid_param(request.path_params["training_id"], "path", "training_id")
 
 
 def direct_routes() -> list[DirectRoute]:
