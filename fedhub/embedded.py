@@ -23,6 +23,7 @@ from services.aggregator.settings import AggregatorSettings
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.notifier import models as _notifier_tables  # noqa: F401 - registers its tables for create_schema
+from services.notifier.direct import stream_first
 from services.notifier.service import Notifier
 from services.notifier.settings import NotifierSettings
 from services.orchestrator.service import Orchestrator
@@ -127,6 +128,7 @@ class EmbeddedServer:
             timeout_graceful_shutdown=3,
             access_log=False,
             timeout_keep_alive=s.idle_connection_s,
+            http=stream_first(lambda: notifier.stream) if notifier.settings.socket_streams else "auto",
         )
         self._server = uvicorn.Server(config)
         self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="uvicorn")

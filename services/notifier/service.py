@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from services.notifier import models as _tables  # noqa: F401 - registers the notifier's tables on Base
+from services.notifier.direct import stream_first
 from services.notifier.handlers import InlineModels, notifier_handlers
 from services.notifier.settings import NotifierSettings
 from services.notifier.sse import EventStream, EventStreamRoute, Hub, events_router
@@ -39,7 +40,7 @@ class Notifier:
     def __init__(self, settings: NotifierSettings, runtime: Runtime) -> None:
         self.settings = settings
         self.runtime = runtime
-        self.hub = Hub(settings.subscriber_queue_size)
+        self.hub = Hub(settings.subscriber_queue_size, settings.keepalive_s)
         self.webhooks = WebhookWorker(runtime.uow, settings)
         self.consumer = Consumer(
             "notifier",
@@ -51,10 +52,11 @@ class Notifier:
             runtime.uow,
         )
         self.principals = PrincipalCache(settings.auth_cache_s)
-        self.stream = EventStream(self.hub, runtime.uow, settings.keepalive_s, self.principals)
+        self.stream = EventStream(self.hub, runtime.uow, self.principals)
         self.router = APIRouter()
         self.router.include_router(events_router(self.stream))
         self.router.include_router(webhook_router(runtime.uow, self.principals))
+        self._keepalives: asyncio.Task[None] | None = None
         self._started = False
         self._stopping = False
         self._in_flight = 0
@@ -72,6 +74,7 @@ class Notifier:
             self.consumer.name, self.consumer.routing_keys, self._deliver, prefetch=1
         )
         self.webhooks.start()
+        self._keepalives = asyncio.create_task(self.hub.keepalives(), name="notifier-keepalives")
         log.info("notifier.started")
 
     async def stop(self) -> None:
@@ -90,6 +93,10 @@ class Notifier:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await self.hub.wait_empty()
+        if self._keepalives is not None:
+            self._keepalives.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalives
         log.info("notifier.stopped", open_streams=len(self.hub))
 
     def serve_on(self, app: FastAPI) -> None:
@@ -194,6 +201,12 @@ def create_app(settings: NotifierSettings, runtime: Runtime | None = None) -> Fa
     return app
 
 
+def running(app: FastAPI) -> Notifier | None:
+    """The notifier that `create_app`'s lifespan started (`app.state.notifier`); None before."""
+    notifier: Notifier | None = getattr(app.state, "notifier", None)
+    return notifier
+
+
 def main() -> None:
     """Run the notifier standalone with uvicorn (settings from `FEDHUB_*` environment variables)."""
     settings = NotifierSettings()
@@ -201,8 +214,12 @@ def main() -> None:
     collect_less_often()
     app = create_app(settings)
 
+    def streams() -> EventStream | None:
+        notifier = running(app)
+        return None if notifier is None else notifier.stream
+
     def end_streams() -> None:
-        notifier: Notifier | None = getattr(app.state, "notifier", None)
+        notifier = running(app)
         if notifier is not None:
             notifier.end_streams()
 
@@ -212,6 +229,7 @@ def main() -> None:
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        http=stream_first(streams) if settings.socket_streams else "auto",
     )
     asyncio.run(StreamEndingServer(config, end_streams).serve())
 

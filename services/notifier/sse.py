@@ -7,8 +7,10 @@ in between arrives by both paths; the stream sends each seq once, in increasing 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator
-from typing import Annotated
+from collections import deque
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
 from urllib.parse import parse_qsl
 from uuid import UUID
 
@@ -42,37 +44,72 @@ DELIVERED_SECONDS = REGISTRY.histogram(
     ("notification_type",),
 )
 
+STREAMS_OPENED = REGISTRY.counter(
+    "fedhub_event_streams_opened_total",
+    "Event streams opened, by what serves them: `socket` (off the connection, below the app) or `asgi`",
+    ("served_by",),
+)
+
 CLIENT_LEFT = "client left"
-"""Why a stream's subscription ended when its client disconnected (`EventStream`)."""
+"""Why a stream's subscription ended when its client disconnected."""
 
 REPLAY_PAGE = 500
 """Notifications read per replay query; no transaction stays open while a page is sent."""
 
 
-class Subscription:
-    """One open stream's buffer of live notifications; ended by the hub on overflow or shutdown."""
+class Subscriber:
+    """What the hub holds for one open stream: whose it is, its filter, and how to hand it a
+    notification. `Subscription` buffers for a stream served through the app (`EventStream`);
+    `services.notifier.direct.SocketStream` writes straight to its connection."""
 
-    def __init__(self, principal_id: UUID, training_id: UUID | None, maxsize: int) -> None:
+    __slots__ = ("ended", "principal_id", "queue_size", "training_id")
+
+    def __init__(self, principal_id: UUID, training_id: UUID | None, queue_size: int) -> None:
         self.principal_id = principal_id
         self.training_id = training_id
+        self.queue_size = queue_size
+        """Live notifications the stream may hold unsent before the hub ends it (`overflow`)."""
         self.ended: str | None = None
-        """Why the hub ended this subscription (`overflow`, `shutdown`), None while it is live."""
-        self._maxsize = maxsize
-        # Unbounded underneath so the end marker always fits; `offer` enforces the bound.
-        self._queue: asyncio.Queue[LiveNotification | None] = asyncio.Queue()
+        """Why this subscription ended (`overflow`, `shutdown`, `CLIENT_LEFT`), None while it is live."""
 
     def wants(self, notification: LiveNotification) -> bool:
         """Whether this stream's training filter lets `notification` through."""
         return self.training_id is None or self.training_id == notification.training_id
 
     def offer(self, notification: LiveNotification) -> bool:
-        """Queue `notification` without waiting; a full buffer ends the subscription instead."""
+        """Take `notification` without waiting; False (and ended) when the stream cannot keep up."""
+        raise NotImplementedError
+
+    def end(self, reason: str) -> None:
+        """End the stream (idempotent); what it had not sent the client replays on resume."""
+        raise NotImplementedError
+
+    def keepalive(self, idle_since: float) -> None:
+        """Send a keepalive comment if nothing was sent since `idle_since` (`time.monotonic()`)."""
+        raise NotImplementedError
+
+
+class Subscription(Subscriber):
+    """The buffer of a stream served through the app: what `get` hands to its task, bounded by
+    `queue_size`, then an end marker (None) once the hub ends it."""
+
+    __slots__ = ("_items", "_sent_at", "_waiter")
+
+    def __init__(self, principal_id: UUID, training_id: UUID | None, queue_size: int) -> None:
+        super().__init__(principal_id, training_id, queue_size)
+        # Unbounded underneath so the end marker always fits; `offer` enforces the bound.
+        self._items: deque[LiveNotification | bytes | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._sent_at = time.monotonic()
+
+    def offer(self, notification: LiveNotification) -> bool:
+        """Buffer `notification`; a full buffer ends the subscription instead."""
         if self.ended is not None:
             return False
-        if self._queue.qsize() >= self._maxsize:
+        if len(self._items) >= self.queue_size:
             self.end("overflow")
             return False
-        self._queue.put_nowait(notification)
+        self._put(notification)
         return True
 
     def end(self, reason: str) -> None:
@@ -80,23 +117,52 @@ class Subscription:
         if self.ended is not None:
             return
         self.ended = reason
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._queue.put_nowait(None)
+        self._items.clear()
+        self._put(None)
 
-    async def get(self) -> LiveNotification | None:
-        """The next live notification, or None once the subscription has ended."""
-        if self.ended is not None and self._queue.empty():
-            return None
-        return await self._queue.get()
+    def keepalive(self, idle_since: float) -> None:
+        """Buffer `KEEPALIVE` if the stream got nothing since `idle_since` and holds nothing."""
+        if self.ended is None and not self._items and self._sent_at <= idle_since:
+            self._put(KEEPALIVE)
+
+    @property
+    def buffered(self) -> int:
+        """How many items `get` has yet to hand out (notifications, keepalives, the end marker)."""
+        return len(self._items)
+
+    def _put(self, item: LiveNotification | bytes | None) -> None:
+        self._items.append(item)
+        self._sent_at = time.monotonic()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> LiveNotification | bytes | None:
+        """The next live notification or keepalive comment, or None once the subscription has ended."""
+        while not self._items:
+            if self.ended is not None:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
+_S = TypeVar("_S", bound=Subscriber)
 
 
 class Hub:
-    """Live subscribers keyed by principal id; publishing never waits on a slow stream."""
+    """Live subscribers keyed by principal id; publishing never waits on a slow stream.
 
-    def __init__(self, queue_size: int) -> None:
+    `keepalives` (a task for the service's lifetime) sends each idle stream a keepalive comment
+    every `keepalive_s`, so that no stream keeps a timer of its own.
+    """
+
+    def __init__(self, queue_size: int, keepalive_s: float = 15.0) -> None:
         self.queue_size = queue_size
-        self._subscribers: dict[UUID, set[Subscription]] = {}
+        self.keepalive_s = keepalive_s
+        self._subscribers: dict[UUID, list[Subscriber]] = {}
         self._count = 0
         self._closed = False
         self._empty = asyncio.Event()
@@ -111,21 +177,28 @@ class Hub:
         return self._closed
 
     def subscribe(self, principal_id: UUID, training_id: UUID | None = None) -> Subscription:
-        """Register a stream for `principal_id` (optionally one training's notifications)."""
+        """Register a buffered stream for `principal_id` (optionally one training's notifications)."""
+        return self.add(Subscription(principal_id, training_id, self.queue_size))
+
+    def add(self, sub: _S) -> _S:
+        """Register `sub`; `NotifierStopping` once the hub is closed."""
         if self._closed:
             raise NotifierStopping("the notifier is shutting down; reconnect with Last-Event-ID")
-        sub = Subscription(principal_id, training_id, self.queue_size)
-        self._subscribers.setdefault(principal_id, set()).add(sub)
+        self._subscribers.setdefault(sub.principal_id, []).append(sub)
         self._count += 1
         self._empty.clear()
         return sub
 
-    def unsubscribe(self, sub: Subscription) -> None:
+    def of(self, principal_id: UUID) -> tuple[Subscriber, ...]:
+        """The open streams of `principal_id`."""
+        return tuple(self._subscribers.get(principal_id, ()))
+
+    def unsubscribe(self, sub: Subscriber) -> None:
         """Forget `sub` (idempotent)."""
         subs = self._subscribers.get(sub.principal_id)
         if subs is None or sub not in subs:
             return
-        subs.discard(sub)
+        subs.remove(sub)
         if not subs:
             del self._subscribers[sub.principal_id]
         self._count -= 1
@@ -154,6 +227,20 @@ class Hub:
                 )
                 self.unsubscribe(sub)
         return delivered
+
+    def tick(self, now: float) -> None:
+        """Send a keepalive to every stream that sent nothing in the last `keepalive_s` before `now`."""
+        idle_since = now - self.keepalive_s
+        for subs in list(self._subscribers.values()):
+            for sub in subs:
+                sub.keepalive(idle_since)
+
+    async def keepalives(self) -> None:
+        """Tick every half `keepalive_s` until cancelled: an idle stream hears something every
+        `keepalive_s` to 1.5 `keepalive_s`."""
+        while True:
+            await asyncio.sleep(self.keepalive_s / 2)
+            self.tick(time.monotonic())
 
     def close(self) -> None:
         """End every open stream and refuse new ones (the service is stopping)."""
@@ -194,9 +281,9 @@ async def event_frames(
     sub: Subscription,
     missed: AsyncGenerator[tuple[int, bytes], None] | None,
     after: int | None,
-    keepalive_s: float,
 ) -> AsyncGenerator[bytes, None]:
-    """The bytes of one stream: what `missed` replays, then live notifications, with keepalives.
+    """The bytes of one stream: what `missed` replays, then live notifications and the keepalives
+    the hub's ticks buffer.
 
     A live notification whose seq was already sent (it committed between registering and
     replaying) is skipped, so the client sees every seq once and in increasing order.
@@ -208,67 +295,92 @@ async def event_frames(
                 yield frame
                 last_sent = seq
     while True:
-        try:
-            async with asyncio.timeout(keepalive_s):
-                live = await sub.get()
-        except TimeoutError:
-            yield KEEPALIVE
-            continue
+        live = await sub.get()
         if live is None:
-            if sub.ended != CLIENT_LEFT:
-                log.info("events.stream_ended", principal_id=str(sub.principal_id), reason=sub.ended)
+            log_stream_end(sub)
             return
+        if isinstance(live, bytes):
+            yield live
+            continue
         if last_sent is not None and live.seq <= last_sent:
             continue
         last_sent = live.seq
         yield live.frame
         # Resumed once the server has taken the frame: the write to this stream is done.
-        written = time.time()
-        if live.committed_at:
-            FANOUT_SECONDS.observe(written - live.committed_at, notification_type=live.notification_type)
-        if live.issued_at:
-            DELIVERED_SECONDS.observe(written - live.issued_at, notification_type=live.notification_type)
+        observe_written(live)
+
+
+def observe_written(live: LiveNotification) -> None:
+    """Record how long `live` took from its commit and from its issue to a stream's write (now)."""
+    written = time.time()
+    if live.committed_at:
+        FANOUT_SECONDS.observe(written - live.committed_at, notification_type=live.notification_type)
+    if live.issued_at:
+        DELIVERED_SECONDS.observe(written - live.issued_at, notification_type=live.notification_type)
+
+
+def log_stream_end(sub: Subscriber) -> None:
+    """Log why the hub ended `sub`'s stream (a client leaving is not worth a line)."""
+    if sub.ended != CLIENT_LEFT:
+        log.info("events.stream_ended", principal_id=str(sub.principal_id), reason=sub.ended)
+
+
+def log_stream_open(sub: Subscriber, after: int | None) -> None:
+    """Log a stream's start: whose, which training, from which seq."""
+    log.info(
+        "events.stream_opened",
+        principal_id=str(sub.principal_id),
+        training_id=str(sub.training_id) if sub.training_id else None,
+        last_event_id=after,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCaller:
+    """Who asked for a stream and what they asked for: `EventStream.admit`'s answer."""
+
+    principal_id: UUID
+    training_id: UUID | None
+    after: int | None
+    """The `Last-Event-ID` to replay from; None: live notifications only."""
 
 
 class EventStream:
     """`GET /v1/events` as a plain ASGI app, served by an `EventStreamRoute` placed before the
     documented FastAPI route (which stays for the OpenAPI document).
 
-    An open stream lasts as long as its client listens, and everything its request holds while it
-    waits is memory per client: through FastAPI's route machinery and a `StreamingResponse` (two
-    tasks and their futures) an idle stream cost the process 34 KiB; here it is one task waiting on
-    its subscription and one on the connection. The answers are the FastAPI route's: the same
-    parameters (the training id checked first, then the caller), the same error shape, status and
-    headers (`deps.error_answer`), the same frames.
+    Where fedhub runs uvicorn itself, a stream that opens its connection is served below the app,
+    straight off the socket (`services.notifier.direct`); this app serves the rest (a stream on a
+    connection that carried other requests first, any other ASGI server) and every refusal. Both
+    admit a caller with `admit`, so they answer alike. Through the app an idle stream is one task
+    waiting on its subscription and one on the connection (24 KiB of the process per stream at
+    1,000; through FastAPI's route machinery and a `StreamingResponse` it was 34). The answers are
+    the FastAPI route's: the same parameters (the training id checked first, then the caller), the
+    same error shape, status and headers (`deps.error_answer`), the same frames.
     """
 
-    def __init__(
-        self, hub: Hub, uow: UnitOfWorkFactory, keepalive_s: float, principals: PrincipalCache | None
-    ) -> None:
+    def __init__(self, hub: Hub, uow: UnitOfWorkFactory, principals: PrincipalCache | None) -> None:
         self.hub = hub
         self.uow = uow
-        self.keepalive_s = keepalive_s
         self.principals = principals
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Refuse with the error shape, or stream until the hub ends it or the client leaves."""
         try:
-            sub, after = await self._subscribe(scope)
+            caller = await self.admit(scope.get("query_string", b""), scope["headers"])
+            sub = self.hub.subscribe(caller.principal_id, caller.training_id)
         except (FedhubError, RequestValidationError) as exc:
             await error_answer(exc)(scope, receive, send)
             return
+        STREAMS_OPENED.inc(served_by="asgi")
         try:
+            after = caller.after
             missed = None if after is None else replay(self.uow, sub.principal_id, after, sub.training_id)
-            frames = event_frames(sub, missed, after, self.keepalive_s)
-            log.info(
-                "events.stream_opened",
-                principal_id=str(sub.principal_id),
-                training_id=str(sub.training_id) if sub.training_id else None,
-                last_event_id=after,
-            )
+            frames = event_frames(sub, missed, after)
+            log_stream_open(sub, after)
             watching = asyncio.ensure_future(_end_when_gone(receive, sub))
             try:
-                await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+                await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
                 async with contextlib.aclosing(frames):
                     async for frame in frames:
                         await send({"type": "http.response.body", "body": frame, "more_body": True})
@@ -280,13 +392,16 @@ class EventStream:
         finally:
             self.hub.unsubscribe(sub)
 
-    async def _subscribe(self, scope: Scope) -> tuple[Subscription, int | None]:
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
-        headers: dict[bytes, str] = {}
-        for name, value in scope["headers"]:
-            headers.setdefault(name, value.decode("latin-1"))
+    async def admit(self, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]) -> StreamCaller:
+        """The caller of a stream request and what it asks for, from its query and headers (names
+        lower case); raises the refusal (`FedhubError`, or `RequestValidationError` for a bad
+        parameter) otherwise."""
+        query = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+        first: dict[bytes, str] = {}
+        for name, value in headers:
+            first.setdefault(name, value.decode("latin-1"))
         training_id = _query_uuid(query, "training_id")
-        authorization = headers.get(b"authorization")
+        authorization = first.get(b"authorization")
         access_token = query.get("access_token")
         token = (
             access_token
@@ -294,18 +409,19 @@ class EventStream:
             else bearer_token(authorization)
         )
         principal_id = await authenticate(self.uow, token, self.principals)
-        last_event_id = headers.get(b"last-event-id")
+        last_event_id = first.get(b"last-event-id")
         after = _parse_last_event_id(
             last_event_id if last_event_id is not None else query.get("last_event_id")
         )
-        return self.hub.subscribe(principal_id, training_id), after
+        return StreamCaller(principal_id, training_id, after)
 
 
-_STREAM_HEADERS = [
+STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+"""The response headers of an event stream (before the transfer encoding, which the server adds)."""
 
 
 def _query_uuid(query: dict[str, str], name: str) -> UUID | None:

@@ -17,8 +17,10 @@ import pytest
 import uvicorn
 
 import services.notifier.models  # noqa: F401 - registers the notifier's tables before create_schema
-from services.notifier.service import Notifier, create_app
+from services.notifier.direct import stream_first
+from services.notifier.service import Notifier, create_app, running
 from services.notifier.settings import NotifierSettings
+from services.notifier.sse import EventStream
 from shared.auth import hash_token, new_token
 from shared.db.models import Principal
 from shared.enums import Role
@@ -127,13 +129,15 @@ async def serve(
     *,
     before_exit: Callable[[], None] | None = None,
     server_class: type[uvicorn.Server] | None = None,
+    http: type[asyncio.Protocol] | None = None,
 ) -> AsyncIterator[str]:
-    """Run `app` on a real uvicorn server on a free 127.0.0.1 port; yield its base URL."""
+    """Run `app` on a real uvicorn server on a free 127.0.0.1 port; yield its base URL. `http`:
+    uvicorn's protocol class (default: its own)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, http=http or "auto")
     server = server_class(config) if server_class else uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -159,11 +163,20 @@ class NotifierServer:
     url: str
     notifier: Notifier
     runtime: Runtime
+    served_by: str = "asgi"
+    """What serves a stream that opens its connection: `socket` or `asgi` (see `served_by`)."""
+
+
+@pytest.fixture(params=["socket", "asgi"])
+def served_by(request: pytest.FixtureRequest) -> str:
+    """How the notifier's uvicorn serves event streams: `socket` as `fedhub notifier` and the
+    embedded server do (`direct.stream_first`), `asgi` as any ASGI server does (through the app)."""
+    return str(request.param)
 
 
 @pytest.fixture
 def start_notifier(
-    runtime: Runtime, settings: NotifierSettings
+    runtime: Runtime, settings: NotifierSettings, served_by: str
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[NotifierServer]]:
     """A factory: `async with start_notifier(**overrides) as server:` serves the notifier over uvicorn."""
 
@@ -172,13 +185,19 @@ def start_notifier(
         merged = settings.model_copy(update=overrides)
         app = create_app(merged, runtime)
 
+        def streams() -> EventStream | None:
+            notifier = running(app)
+            return None if notifier is None else notifier.stream
+
         def end_streams() -> None:
             # uvicorn waits for open responses before the lifespan stops the notifier.
-            if hasattr(app.state, "notifier"):
-                app.state.notifier.end_streams()
+            notifier = running(app)
+            if notifier is not None:
+                notifier.end_streams()
 
-        async with serve(app, before_exit=end_streams) as url:
-            yield NotifierServer(url, app.state.notifier, runtime)
+        http = stream_first(streams) if served_by == "socket" else None
+        async with serve(app, before_exit=end_streams, http=http) as url:
+            yield NotifierServer(url, app.state.notifier, runtime, served_by)
 
     return start
 

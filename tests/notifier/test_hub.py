@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from uuid import uuid4
 
 import pytest
@@ -22,7 +23,7 @@ def live(seq: int, receivers, training_id=None) -> LiveNotification:
 async def next_seq(sub: Subscription) -> int:
     """The seq of the subscription's next live notification (which must exist)."""
     item = await sub.get()
-    assert item is not None
+    assert isinstance(item, LiveNotification)
     return item.seq
 
 
@@ -65,7 +66,7 @@ async def test_publish_respects_receivers_and_training_filter():
 
 
 async def test_replay_and_live_overlap_is_sent_once_in_order():
-    """A notification both replayed and queued live is sent once; then keepalives while idle."""
+    """A notification both replayed and queued live is sent once; a tick while idle adds a keepalive."""
     hub = Hub(queue_size=10)
     p = uuid4()
     sub = hub.subscribe(p)
@@ -76,14 +77,42 @@ async def test_replay_and_live_overlap_is_sent_once_in_order():
         for seq in (4, 5):
             yield seq, b"seq %d" % seq
 
-    frames = event_frames(sub, missed(), after=3, keepalive_s=0.05)
-    got = [await anext(frames) for _ in range(4)]
-    assert got == [b"seq 4", b"seq 5", b"seq 6", KEEPALIVE]
+    frames = event_frames(sub, missed(), after=3)
+    got = [await anext(frames) for _ in range(3)]
+    assert got == [b"seq 4", b"seq 5", b"seq 6"]
+    hub.tick(time.monotonic() + hub.keepalive_s)
+    assert await anext(frames) == KEEPALIVE
     hub.publish(live(4, [p]))  # older than what was sent: dropped
     hub.publish(live(7, [p]))
-    async with asyncio.timeout(5):
-        while (frame := await anext(frames)) == KEEPALIVE:
-            pass
-    assert frame == b"seq 7"
+    assert await anext(frames) == b"seq 7"
     hub.close()
     assert [f async for f in frames] == []
+
+
+async def test_a_tick_sends_keepalives_only_to_streams_idle_for_keepalive_s():
+    """Each tick finds the streams that got nothing for `keepalive_s` and gives each one keepalive."""
+    hub = Hub(queue_size=10, keepalive_s=15.0)
+    idle, busy = uuid4(), uuid4()
+    idle_sub, busy_sub = hub.subscribe(idle), hub.subscribe(busy)
+    start = time.monotonic()
+    hub.tick(start + 5)
+    assert hub.publish(live(1, [busy])) == 1
+    hub.tick(start + 15.5)  # idle_sub: idle since it opened; busy_sub: got seq 1 just now
+    hub.tick(start + 15.6)  # still queued: no second keepalive
+    assert await idle_sub.get() == KEEPALIVE
+    assert await next_seq(busy_sub) == 1
+    hub.close()
+    assert await idle_sub.get() is None
+    assert await busy_sub.get() is None
+
+
+async def test_the_keepalive_task_ticks_every_half_keepalive():
+    """`Hub.keepalives` sends an idle stream a keepalive within 1.5 `keepalive_s`."""
+    hub = Hub(queue_size=10, keepalive_s=0.1)
+    sub = hub.subscribe(uuid4())
+    ticking = asyncio.create_task(hub.keepalives())
+    try:
+        async with asyncio.timeout(0.15 + 1.0):
+            assert await sub.get() == KEEPALIVE
+    finally:
+        ticking.cancel()

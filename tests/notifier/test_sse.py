@@ -9,6 +9,7 @@ import httpx
 import uvicorn
 from sqlalchemy import func, select
 
+from services.notifier.direct import stream_first
 from services.notifier.models import Notification
 from services.notifier.service import StreamEndingServer, create_app
 from shared.bus.base import envelope_for
@@ -197,14 +198,15 @@ async def test_stop_ends_open_streams_and_refuses_new_ones(server):
     assert refused.json()["error"] == "NotifierStopping"
 
 
-async def test_stream_ending_server_shuts_down_with_an_open_stream(runtime, settings):
+async def test_stream_ending_server_shuts_down_with_an_open_stream(runtime, settings, served_by):
     """uvicorn shutdown does not hang on an open stream when run by `StreamEndingServer`."""
     app = create_app(settings, runtime)
+    http = stream_first(lambda: app.state.notifier.stream) if served_by == "socket" else "auto"
     client = await make_principal(runtime, "client")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", http=http)
     server = StreamEndingServer(config, lambda: app.state.notifier.end_streams())
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -75,7 +75,7 @@ async def test_nothing_is_stored_when_the_transaction_fails(runtime, settings):
         pass
     async with runtime.uow() as uow:
         assert await uow.session.scalar(select(func.count()).select_from(Notification)) == 0
-    assert sub._queue.empty()
+    assert sub.buffered == 0
 
 
 async def test_store_notification_returns_what_the_hub_needs(runtime):
