@@ -153,11 +153,11 @@ async def open_stream(port: int, token: str) -> asyncio.StreamWriter:
 
 @contextlib.asynccontextmanager
 async def streams(port: int, tokens: list[str]) -> AsyncIterator[list[asyncio.StreamWriter]]:
-    """Open one stream per token (100 connecting at a time); close them all at the end."""
+    """Open one stream per token, all at once as clients do when a training starts; close them all
+    at the end."""
     writers: list[asyncio.StreamWriter] = []
     try:
-        for start in range(0, len(tokens), 100):
-            writers += await asyncio.gather(*(open_stream(port, t) for t in tokens[start : start + 100]))
+        writers += await asyncio.gather(*(open_stream(port, t) for t in tokens))
         yield writers
     finally:
         for writer in writers:

@@ -52,7 +52,7 @@ class Notifier:
             runtime.uow,
         )
         self.principals = PrincipalCache(settings.auth_cache_s)
-        self.stream = EventStream(self.hub, runtime.uow, self.principals)
+        self.stream = EventStream(self.hub, runtime.uow, self.principals, settings.stream_admissions)
         self.router = APIRouter()
         self.router.include_router(events_router(self.stream))
         self.router.include_router(webhook_router(runtime.uow, self.principals))

@@ -22,6 +22,12 @@ class NotifierSettings(CommonSettings):
         "the app (~3 KiB per idle stream instead of ~20; services/notifier/direct.py); false: every "
         "stream through the app",
     )
+    stream_admissions: int = Field(
+        default=16,
+        ge=1,
+        description="event stream callers checked at once (each check may read the database); the "
+        "others wait with only their request",
+    )
     inline_model_max_bytes: int = Field(
         default=64 * 1024,
         ge=0,

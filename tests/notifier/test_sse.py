@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import httpx
@@ -221,3 +222,32 @@ async def test_stream_ending_server_shuts_down_with_an_open_stream(runtime, sett
         server.should_exit = True
         sock.close()
     assert len(app.state.notifier.hub) == 0
+
+
+async def test_callers_are_checked_at_most_stream_admissions_at_a_time(start_notifier, monkeypatch):
+    """Streams opening together wait for their caller check in turn (`stream_admissions` at once);
+    every one of them opens."""
+    from services.notifier import sse
+
+    checking, most = 0, 0
+    original = sse.authenticate
+
+    async def counted(*args, **kwargs):
+        nonlocal checking, most
+        checking += 1
+        most = max(most, checking)
+        try:
+            await asyncio.sleep(0.02)
+            return await original(*args, **kwargs)
+        finally:
+            checking -= 1
+
+    monkeypatch.setattr(sse, "authenticate", counted)
+    async with start_notifier(stream_admissions=2) as server:
+        clients = [await make_principal(server.runtime, f"client-{i}") for i in range(6)]
+        async with contextlib.AsyncExitStack() as stack:
+            await asyncio.gather(
+                *(stack.enter_async_context(open_stream(server.url, headers=c.headers)) for c in clients)
+            )
+            await wait_for(lambda: len(server.notifier.hub) == 6, "every stream to register")
+    assert most == 2
