@@ -106,10 +106,15 @@ class Api(FastAPI):
     lane: HotLane | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        lane = self.lane
-        if lane is not None and scope["type"] == "http" and lane.match(scope):
-            await lane.serve(self, scope, receive, send)
-            return
+        if scope["type"] == "http":
+            # uvicorn keeps a kept-alive connection's last scope until its next request: what the
+            # stack adds to it (FastAPI's exit stacks, the route, the endpoint) would stay with
+            # every idle connection (~3 KiB of 11.7). The stack gets a copy that ends with it.
+            scope = dict(scope)
+            lane = self.lane
+            if lane is not None and lane.match(scope):
+                await lane.serve(self, scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
     def lane_allowed(self) -> bool:

@@ -246,3 +246,45 @@ def test_the_lane_stays_off_where_only_the_stack_applies(why: str) -> None:
     if why != "debug":
         app.add_exception_handler(500 if why == "a 500 handler" else Exception, _plain_500)
     assert not app.lane_allowed()
+
+
+async def test_the_servers_scope_keeps_nothing_the_stack_added(world: World) -> None:
+    """A server keeps a kept-alive connection's last scope until its next request: after a request
+    through the stack and one through the lane, the scope it passed holds only what it put there."""
+    app = _app(world)
+    upload = msgpack_body(model_tensors(), round=1, num_examples=3)
+    for method, path, body, status in (
+        ("GET", f"/v1/trainings/{world.training_id}", b"", 200),
+        ("POST", UPDATES.format(training_id=world.training_id), upload, 201),
+    ):
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [
+                (b"host", b"test"),
+                (b"authorization", f"Bearer {world.alice.token}".encode()),
+                (b"content-type", MSGPACK.encode()),
+            ],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "state": {},
+        }
+        passed = dict(scope)
+        sent: list[dict[str, Any]] = []
+
+        async def receive(body: bytes = body) -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)  # noqa: B023 - awaited within the iteration
+
+        await app(scope, receive, send)
+        assert (sent[0]["type"], sent[0]["status"]) == ("http.response.start", status), sent
+        assert scope == passed, path
