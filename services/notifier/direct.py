@@ -51,6 +51,7 @@ HEAD_LIMIT = 64 * 1024
 """A connection whose first request head is longer than this goes to uvicorn undecided."""
 
 _PATH = b"/v1/events"
+_STREAM_PREFIX = b"GET " + _PATH
 _RESPONSE_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
     + b"".join(
@@ -95,7 +96,7 @@ def stream_request(head: bytes) -> StreamRequest | None:
     """`head` (a request's bytes up to and including its blank line) as a stream request, or None
     when this path does not serve it: another method, path or HTTP version, a body, an upgrade, an
     `Expect`, or a head httptools cannot parse (uvicorn then answers it)."""
-    if not head.startswith(b"GET " + _PATH):
+    if not head.startswith(_STREAM_PREFIX):
         return None
     parsed = _Head()
     parser = httptools.HttpRequestParser(parsed)
@@ -156,8 +157,8 @@ class _StreamFirst(asyncio.Protocol):
         assert self._transport is not None
         head = self._head + data
         end = head.find(b"\r\n\r\n")
-        if end < 0 and len(head) <= HEAD_LIMIT:
-            self._head = head
+        if end < 0 and len(head) <= HEAD_LIMIT and _STREAM_PREFIX.startswith(head[: len(_STREAM_PREFIX)]):
+            self._head = head  # the head is not all here, and it may still be a stream's
             return
         stream = self._streams()
         request = stream_request(head) if stream is not None and end + 4 == len(head) else None

@@ -176,6 +176,13 @@ async def test_requests_left_to_uvicorn_are_answered_as_without_the_socket_path(
                 assert head.startswith(b"HTTP/1.1 200 OK\r\n")
                 length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
                 assert await reader.readexactly(length) == b'{"status":"ok"}'
+    async with raw_connection(server) as (reader, writer):
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n":  # not a stream from its 5th byte
+            writer.write(bytes([byte]))
+            await writer.drain()
+        async with asyncio.timeout(WAIT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     async with httpx.AsyncClient(base_url=server.url) as http:
         assert (await http.get("/v1/eventsx", headers=client.headers)).status_code == 404
     assert opened_since(before) == {"socket": 0, "asgi": 2}
