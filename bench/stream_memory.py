@@ -26,18 +26,22 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 import services.notifier.models  # noqa: F401 - registers the notifier's tables before create_schema
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.processes import server_process
+from fedhub.distributed import free_port
 from shared.auth import hash_token, new_token
 from shared.db.models import Principal
 from shared.enums import Role
@@ -47,8 +51,6 @@ from shared.settings import CommonSettings
 
 WARM_UP = 10
 """Streams opened before the first reading: the server's first-request allocations are not counted."""
-
-ROOT = Path(__file__).resolve().parent.parent
 
 FLOOR_SERVER = """
 import asyncio, sys
@@ -67,13 +69,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_kib(pid: int) -> int:
@@ -99,24 +94,6 @@ async def make_clients(database_url: str, blob_path: Path, n: int) -> list[str]:
     finally:
         await runtime.close()
     return tokens
-
-
-@contextlib.contextmanager
-def process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A server process run from the repository root, terminated at the end."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=out, stderr=out
-        )
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 async def wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path, path: str | None) -> None:
@@ -196,7 +173,7 @@ async def notifier_run(n: int, socket_streams: bool, tmp: Path) -> dict[str, flo
         "FEDHUB_SOCKET_STREAMS": "true" if socket_streams else "false",
     }
     log = tmp / "notifier.log"
-    with process([sys.executable, "-m", "fedhub.cli", "notifier"], env, log) as proc:
+    with server_process([sys.executable, "-m", "fedhub.cli", "notifier"], env, log) as proc:
         await wait_listening(port, proc, log, "/readyz")
         figures = await measure(proc.pid, port, tokens[:WARM_UP], tokens[WARM_UP:])
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
@@ -213,7 +190,7 @@ async def floor_run(n: int, tmp: Path) -> dict[str, float]:
     """The bare asyncio server holding `n` connections (`tmp`: a folder for its log)."""
     port = free_port()
     log = tmp / "floor.log"
-    with process([sys.executable, "-c", FLOOR_SERVER, str(port)], {}, log) as proc:
+    with server_process([sys.executable, "-c", FLOOR_SERVER, str(port)], {}, log) as proc:
         await wait_listening(port, proc, log, None)
         return await measure(proc.pid, port, ["-"] * WARM_UP, ["-"] * n)
 

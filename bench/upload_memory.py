@@ -17,13 +17,11 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from uuid import UUID
@@ -31,6 +29,10 @@ from uuid import UUID
 import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.processes import server_process
+from fedhub.distributed import free_port
 from shared.codec import packb, tensor_entry_prefix
 from shared.db.models import ClientUpdate, Training
 from shared.enums import RoundPhase, TrainingState
@@ -54,13 +56,6 @@ class Row:
     peak_minus_before_mb: float
     seconds: float
     mb_per_s: float
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def status_kb(pid: int, field: str) -> int:
@@ -89,28 +84,6 @@ async def body(fields: dict[str, object], nbytes: int) -> AsyncIterator[bytes]:
         n = min(PIECE, nbytes - sent)
         yield piece[:n]
         sent += n
-
-
-@contextlib.contextmanager
-def api_process(root: Path, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A `fedhub api` process run from `root`, terminated at the end."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fedhub.cli", "api"],
-            cwd=root,
-            env={**os.environ, "PYTHONPATH": str(root), **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _text(path: Path) -> str:
@@ -179,7 +152,7 @@ async def run(mb: int, root: Path) -> list[Row]:
         }
         log = folder / "api.log"
         timeout = httpx.Timeout(600, connect=10)
-        with api_process(root, env, log) as proc:
+        with server_process([sys.executable, "-m", "fedhub.cli", "api"], env, log, root) as proc:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as http:
                 await wait_ready(http, proc, log)
                 admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
