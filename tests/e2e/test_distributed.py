@@ -18,6 +18,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg  # type: ignore[import-untyped]
+import httpx
 import pytest
 import torch
 
@@ -25,6 +26,7 @@ from fedhub.client import ActorClient, Client
 from fedhub.client.types import FitFn
 from fedhub.distributed import ClusterSettings, LocalCluster
 from fedhub.task import DemoWorkload, make_model
+from shared.metrics import parse_exposition, total
 from tests import postgres
 from tests.e2e.faults import (
     Broker,
@@ -55,6 +57,8 @@ class Outcome:
     accuracy: tuple[float, float]
     uploads: list[tuple[int, int]]
     """(round, client) of every upload the clients saw accepted."""
+    streams: dict[str, float]
+    """Event streams the notifier opened, by what served them (`socket`, `asgi`)."""
 
 
 class Faults:
@@ -185,12 +189,18 @@ async def _train(settings: ClusterSettings, faults: Faults | None = None) -> Out
             rounds = await actor.get_rounds(training_id)
             weights = await actor.download_model(UUID(str(final["current_model_id"])))
             await actor.aclose()
+            async with httpx.AsyncClient(base_url=cluster.events_url) as http:
+                samples = parse_exposition((await http.get("/metrics")).text)
+            streams = {
+                kind: total(samples, "fedhub_event_streams_opened_total", served_by=kind)
+                for kind in ("socket", "asgi")
+            }
             codes = cluster.stop()
     finally:
         await _delete_namespace(settings)
     # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done: -15 is clean too.
     assert all(code in (0, -signal.SIGTERM) for code in codes.values()), f"unclean exit on SIGTERM: {codes}"
-    return Outcome(str(final["state"]), weights, rounds, workload.global_accuracy(weights), uploads)
+    return Outcome(str(final["state"]), weights, rounds, workload.global_accuracy(weights), uploads, streams)
 
 
 async def _delete_namespace(settings: ClusterSettings) -> None:
@@ -235,6 +245,9 @@ async def test_five_clients_three_rounds_across_processes(cluster_settings: Clus
     assert sorted(outcome.uploads) == [(r, c) for r in range(1, ROUNDS + 1) for c in range(CLIENTS)]
     assert all(r["test_metrics"].get("accuracy") is not None for r in outcome.rounds)
     assert outcome.accuracy[0] > 0.6
+    # `fedhub notifier` serves every client's stream off the socket (services/notifier/direct.py).
+    assert outcome.streams["socket"] >= CLIENTS
+    assert outcome.streams["asgi"] == 0
     if not _FAULT_FREE:
         _FAULT_FREE.append(outcome)
 

@@ -48,6 +48,7 @@ async def test_a_training_shows_in_every_phase_metric(tmp_path: Path) -> None:
             Client(server.base_url, p.token, fit=_echo, evaluate=_evaluate, training_id=training_id)
             for p in principals
         ]
+        streams_before = parse_exposition((await http.get("/metrics")).text)
         runs = [asyncio.create_task(c.run()) for c in clients]
         before = parse_exposition((await http.get("/metrics")).text)
         await actor.start_training(training_id)
@@ -66,6 +67,10 @@ async def test_a_training_shows_in_every_phase_metric(tmp_path: Path) -> None:
     # with a training already started (at most once), plus the actor's one download above.
     assert 1 <= requests("GET", "/v1/models/{model_id}/weights") <= CLIENTS + 1
     assert requests("GET", "/v1/events") == 0, "event streams are not requests with a duration"
+    # The embedded server serves each client's stream off the socket (services/notifier/direct.py).
+    for kind, opened in (("socket", CLIENTS), ("asgi", 0)):
+        name = "fedhub_event_streams_opened_total"
+        assert total(after, name, served_by=kind) - total(streams_before, name, served_by=kind) == opened
 
     def triggers(on: str, emits: str) -> float:
         return _count(after, before, "fedhub_orchestrator_trigger_seconds", on=on, emits=emits)
