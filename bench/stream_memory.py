@@ -17,6 +17,7 @@ difference divided by the streams is the cost of one. Three servers, in the same
 The notifier's `/metrics` confirms which path served the streams (the bench fails otherwise).
 
     python bench/stream_memory.py --streams 1000 --json /tmp/stream_memory.json
+    python bench/stream_memory.py --postgres       # the notifiers over PostgreSQL, as distributed
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import services.notifier.models  # noqa: F401 - registers the notifier's tables 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.e2e import BenchConfig, async_url, create_database, drop_database
 from bench.processes import server_process
 from fedhub.distributed import free_port
 from shared.auth import hash_token, new_token
@@ -159,9 +161,21 @@ async def measure(pid: int, port: int, warm: list[str], tokens: list[str]) -> di
     }
 
 
-async def notifier_run(n: int, socket_streams: bool, tmp: Path) -> dict[str, float]:
-    """A `fedhub notifier` process serving `n` streams (`tmp`: an empty folder of its own)."""
-    database_url = f"sqlite+aiosqlite:///{tmp / 'fedhub.db'}"
+async def notifier_run(
+    n: int, socket_streams: bool, tmp: Path, postgres_dsn: str | None = None
+) -> dict[str, float]:
+    """A `fedhub notifier` process serving `n` streams (`tmp`: an empty folder of its own); over a
+    fresh PostgreSQL database (dropped after) with `postgres_dsn`, else SQLite."""
+    if postgres_dsn is None:
+        return await _notifier_run(n, socket_streams, tmp, f"sqlite+aiosqlite:///{tmp / 'fedhub.db'}")
+    database = await create_database(postgres_dsn)
+    try:
+        return await _notifier_run(n, socket_streams, tmp, async_url(postgres_dsn, database))
+    finally:
+        await drop_database(postgres_dsn, database)
+
+
+async def _notifier_run(n: int, socket_streams: bool, tmp: Path, database_url: str) -> dict[str, float]:
     tokens = await make_clients(database_url, tmp / "blobs", WARM_UP + n)
     port = free_port()
     env = {
@@ -195,19 +209,21 @@ async def floor_run(n: int, tmp: Path) -> dict[str, float]:
         return await measure(proc.pid, port, ["-"] * WARM_UP, ["-"] * n)
 
 
-async def run(n: int) -> dict[str, Any]:
-    """Every server's figures with `n` streams, and each one's cost per stream over the floor's."""
+async def run(n: int, postgres_dsn: str | None = None) -> dict[str, Any]:
+    """Every server's figures with `n` streams, and each one's cost per stream over the floor's;
+    the notifiers over PostgreSQL with `postgres_dsn` (as in distributed mode), else SQLite."""
     with tempfile.TemporaryDirectory(prefix="fedhub-stream-memory-") as tmp:
         for name in ("floor", "socket", "asgi"):
             os.mkdir(os.path.join(tmp, name))
         results = {
             "floor": await floor_run(n, Path(tmp) / "floor"),
-            "socket": await notifier_run(n, True, Path(tmp) / "socket"),
-            "asgi": await notifier_run(n, False, Path(tmp) / "asgi"),
+            "socket": await notifier_run(n, True, Path(tmp) / "socket", postgres_dsn),
+            "asgi": await notifier_run(n, False, Path(tmp) / "asgi", postgres_dsn),
         }
     floor = max(results["floor"]["kib_per_stream"], 0.01)
     return {
         "streams": n,
+        "database": "sqlite" if postgres_dsn is None else "postgresql",
         "servers": results,
         "x_floor": {name: round(r["kib_per_stream"] / floor, 2) for name, r in results.items()},
     }
@@ -216,7 +232,7 @@ async def run(n: int) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     """The figures as a markdown table."""
     lines = [
-        f"Idle event streams: {result['streams']}",
+        f"Idle event streams: {result['streams']} (notifier over {result['database']})",
         "",
         "| server | RSS before (MiB) | RSS with the streams (MiB) | KiB per stream | x floor "
         "| open all (s) |",
@@ -233,9 +249,17 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--streams", type=int, default=1000, help="streams held open at once")
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const=BenchConfig().admin_dsn,
+        default=None,
+        metavar="ADMIN_DSN",
+        help="the notifiers over a fresh PostgreSQL database (default server: the e2e bench's)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
-    result = asyncio.run(run(args.streams))
+    result = asyncio.run(run(args.streams, args.postgres))
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
