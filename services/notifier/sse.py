@@ -353,7 +353,7 @@ class EventStream:
     straight off the socket (`services.notifier.direct`); this app serves the rest (a stream on a
     connection that carried other requests first, any other ASGI server) and every refusal. Both
     admit a caller with `admit`, so they answer alike. Through the app an idle stream is one task
-    waiting on its subscription and one on the connection (24 KiB of the process per stream at
+    waiting on its subscription and one on the connection (20 KiB of the process per stream at
     1,000; through FastAPI's route machinery and a `StreamingResponse` it was 34). The answers are
     the FastAPI route's: the same parameters (the training id checked first, then the caller), the
     same error shape, status and headers (`deps.error_answer`), the same frames.
