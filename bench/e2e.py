@@ -355,6 +355,18 @@ async def scrape(urls: Sequence[str]) -> Samples:
     return merged
 
 
+async def streams_open(server: Server, before: Samples, n: int, clients: Sequence[asyncio.Task[Any]]) -> None:
+    """Until `n` more event streams are open than at `before` (the notifier's counter), polling; a
+    client that ended meanwhile raises its error."""
+    name = "fedhub_event_streams_opened_total"
+    while total(await scrape(metrics_urls(server)), name) - total(before, name) < n:
+        for task in clients:
+            if task.done():
+                task.result()
+                raise RuntimeError(f"{task.get_name()} ended before the training started")
+        await asyncio.sleep(0.05)
+
+
 def _delta(before: Samples, after: Samples) -> Samples:
     return {key: value - before.get(key, 0.0) for key, value in after.items()}
 
@@ -604,7 +616,13 @@ async def _run_training(
     ]
     try:
         with RssSampler(pids) as sampler:
+            opened = await scrape(metrics_urls(server))
+            connecting = time.perf_counter()
             tasks = [asyncio.create_task(c.run(), name=f"bench-client-{i}") for i, c in enumerate(clients)]
+            # As Flower's server waits for its clients before round 1: the training starts once every
+            # client listens, so round 1 is a round, not the clients connecting.
+            await streams_open(server, opened, num_clients, tasks)
+            connect_s = time.perf_counter() - connecting
             before = await scrape(metrics_urls(server))
             setup_s = time.perf_counter() - setup_started
             requests = 0
@@ -634,6 +652,7 @@ async def _run_training(
         "until_aggregated_s": until_aggregated(rounds_json),
         "training_s": round(training_s, 3),
         "setup_s": round(setup_s, 3),
+        "connect_s": round(connect_s, 3),
         "requests_per_client_round": round(requests / (num_clients * rounds), 2),
         **bus_messages(before, after, num_clients * rounds),
         "rss_mib": sampler.result(),
