@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -99,6 +99,9 @@ class BenchConfig:
     """Scrape the services' metrics around the rounds and add the split of a round to each leaf."""
     embedded_in_process: bool = False
     """Run embedded mode inside the bench process (with the clients) instead of as `fedhub serve`."""
+    server_env: dict[str, str] = field(default_factory=dict)
+    """`FEDHUB_*` settings for the server's processes (`--set`), on top of the bench's own. The
+    bench starts each with an environment it writes itself: exported variables do not reach them."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,9 +198,10 @@ async def serve(mode: str, config: BenchConfig) -> AsyncIterator[tuple[Server, d
         if mode == "embedded" and config.embedded_in_process:
             from fedhub.embedded import EmbeddedServer, EmbeddedSettings
 
-            settings = EmbeddedSettings(data_dir=data_dir, log_level=config.log_level)
-            async with EmbeddedServer(settings) as server:
-                yield server, {"embedded": os.getpid()}
+            with _environ(config.server_env):
+                settings = EmbeddedSettings(data_dir=data_dir, log_level=config.log_level)
+                async with EmbeddedServer(settings) as server:
+                    yield server, {"embedded": os.getpid()}
             return
         if mode == "embedded":
             async with embedded_process(data_dir, config) as process:
@@ -218,6 +222,7 @@ async def serve(mode: str, config: BenchConfig) -> AsyncIterator[tuple[Server, d
                 log_level=config.log_level,
                 bus_namespace=f"fedhub-bench-{uuid4().hex[:8]}",
                 delete_bus_namespace=True,
+                extra_env=dict(config.server_env),
             )
             async with LocalCluster(cluster_settings) as cluster:
                 pids = {
@@ -246,6 +251,21 @@ class EmbeddedProcess:
         return self.base_url
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in this process's environment for the block (embedded in process reads them)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _start_serve(data_dir: Path, port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
         return subprocess.Popen(
@@ -264,6 +284,7 @@ async def embedded_process(data_dir: Path, config: BenchConfig) -> AsyncIterator
     port = free_port()
     token = "fh_admin_" + uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDHUB_")}
+    env.update(config.server_env)
     env.update(FEDHUB_ADMIN_TOKEN=token, FEDHUB_LOG_LEVEL=config.log_level)
     log_path = data_dir / "embedded.log"
     process = _start_serve(data_dir, port, env, log_path)
@@ -355,11 +376,14 @@ async def scrape(urls: Sequence[str]) -> Samples:
     return merged
 
 
+STREAMS_OPENED = "fedhub_event_streams_opened_total"
+"""The notifier's counter of event streams opened, by what served them (`served_by`)."""
+
+
 async def streams_open(server: Server, before: Samples, n: int, clients: Sequence[asyncio.Task[Any]]) -> None:
     """Until `n` more event streams are open than at `before` (the notifier's counter), polling; a
     client that ended meanwhile raises its error."""
-    name = "fedhub_event_streams_opened_total"
-    while total(await scrape(metrics_urls(server)), name) - total(before, name) < n:
+    while total(await scrape(metrics_urls(server)), STREAMS_OPENED) - total(before, STREAMS_OPENED) < n:
         for task in clients:
             if task.done():
                 task.result()
@@ -624,6 +648,11 @@ async def _run_training(
             await streams_open(server, opened, num_clients, tasks)
             connect_s = time.perf_counter() - connecting
             before = await scrape(metrics_urls(server))
+            served_by = {
+                kind: total(before, STREAMS_OPENED, served_by=kind)
+                - total(opened, STREAMS_OPENED, served_by=kind)
+                for kind in ("socket", "asgi")
+            }
             setup_s = time.perf_counter() - setup_started
             requests = 0
             started = time.perf_counter()
@@ -653,6 +682,7 @@ async def _run_training(
         "training_s": round(training_s, 3),
         "setup_s": round(setup_s, 3),
         "connect_s": round(connect_s, 3),
+        "streams_served_by": served_by,
         "requests_per_client_round": round(requests / (num_clients * rounds), 2),
         **bus_messages(before, after, num_clients * rounds),
         "rss_mib": sampler.result(),
@@ -911,6 +941,17 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _settings(pairs: list[str]) -> dict[str, str]:
+    """`--set` values as environment variables; each must be `FEDHUB_<NAME>=<value>`."""
+    settings = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("FEDHUB_"):
+            raise SystemExit(f"--set takes FEDHUB_<NAME>=<value>, got {pair!r}")
+        settings[name] = value
+    return settings
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -933,6 +974,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run embedded mode inside the bench process (sharing it with the clients)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FEDHUB_NAME=VALUE",
+        help="a setting for the server's processes (repeatable), e.g. FEDHUB_MAX_CONCURRENT_REQUESTS=64",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
     parser.add_argument(
@@ -950,6 +998,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared_http=args.shared_http,
         profile=args.profile,
         embedded_in_process=args.embedded_in_process,
+        server_env=_settings(args.set),
     )
     configure_logging(config.log_level)
     # Simulated clients train in worker threads: one torch thread each avoids oversubscription.

@@ -3,6 +3,7 @@ complete and the digits model learns. Figures are never asserted: this machine's
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from uuid import uuid4
 
@@ -33,6 +34,10 @@ def _check_leaf(leaf: dict[str, Any], clients: int, rounds: int) -> None:
     assert leaf["rss_mib"], "at least one process was sampled"
     assert all(mib > 0 for mib in leaf["rss_mib"].values())
     assert leaf["requests_per_client_round"] > 0
+    assert leaf["connect_s"] > 0
+    # The training started once every client listened; `fedhub serve` and `fedhub notifier` serve
+    # a stream that opens its connection off the socket (a --set can say otherwise, see below).
+    assert sum(leaf["streams_served_by"].values()) == clients
     # The accepted updates reach the orchestrator a group of reports at a time (`UpdatesReceived`):
     # at least one message per round, at most one per client and round (but for a broker's redeliveries).
     assert leaf["messages_by_type"]["UpdatesReceived"] >= rounds
@@ -62,9 +67,9 @@ def _check_profile(leaf: dict[str, Any], clients: int, rounds: int, *, tests: bo
     """The split of a round from the services' metrics: every phase counted as often as it happened."""
     profile = leaf["profile"]
     assert profile["upload"]["count"] >= clients * rounds  # a client may retry one under load
-    # Both workloads' models are small: each round's notification carries it, so a client downloads
-    # at most once (when it catches up with a training already under way).
-    assert profile["download"]["count"] <= clients
+    # Both workloads' models are small: each round's notification carries it, and the training
+    # starts once every client listens, so no client has a training under way to catch up with.
+    assert profile["download"]["count"] == 0
     if tests:
         assert profile["test"]["count"] >= clients * rounds
     else:
@@ -92,15 +97,21 @@ async def test_embedded_small_bench(tmp_path) -> None:
     _check_profile(results["A"]["embedded"], 8, SMALL_ROUNDS_A, tests=True)
     _check_profile(results["B"]["embedded"][str(SMALL_CLIENTS_B)], SMALL_CLIENTS_B, 5, tests=False)
     assert "upload" in profile_text(results)
+    assert results["B"]["embedded"][str(SMALL_CLIENTS_B)]["streams_served_by"]["socket"] == SMALL_CLIENTS_B
 
 
 async def test_embedded_in_process_small_bench(tmp_path) -> None:
-    """`--embedded-in-process`: the server runs in the bench process, whose one figure covers both."""
-    config = BenchConfig(work_dir=tmp_path, embedded_in_process=True)
+    """`--embedded-in-process`: the server runs in the bench process, whose one figure covers both;
+    a `--set` reaches it (here: every stream through the app) and leaves the environment as it was."""
+    config = BenchConfig(
+        work_dir=tmp_path, embedded_in_process=True, server_env={"FEDHUB_SOCKET_STREAMS": "false"}
+    )
     results = await run_bench(("B",), ("embedded",), (SMALL_CLIENTS_B,), rounds_b=3, config=config)
     leaf = results["B"]["embedded"][str(SMALL_CLIENTS_B)]
     _check_leaf(leaf, SMALL_CLIENTS_B, 3)
     assert set(leaf["rss_mib"]) == {"embedded"}
+    assert leaf["streams_served_by"] == {"socket": 0, "asgi": SMALL_CLIENTS_B}
+    assert "FEDHUB_SOCKET_STREAMS" not in os.environ
 
 
 @pytest.mark.integration
@@ -111,9 +122,18 @@ async def test_distributed_small_bench(tmp_path, rabbitmq_url: str) -> None:
         await postgres.drop_database(f"fedhub_bench_probe_{uuid4().hex[:8]}")  # reachable?
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         postgres.unavailable(f"{type(exc).__name__}: {exc}")
-    config = BenchConfig(admin_dsn=postgres.ADMIN_DSN, amqp_url=rabbitmq_url, work_dir=tmp_path, profile=True)
+    config = BenchConfig(
+        admin_dsn=postgres.ADMIN_DSN,
+        amqp_url=rabbitmq_url,
+        work_dir=tmp_path,
+        profile=True,
+        server_env={"FEDHUB_SOCKET_STREAMS": "false"},
+    )
     results = await _small("distributed", config)
     _check(results, "distributed")
+    # The --set reached the notifier process: every stream went through the app.
+    for leaf in (results["A"]["distributed"], results["B"]["distributed"][str(SMALL_CLIENTS_B)]):
+        assert leaf["streams_served_by"]["socket"] == 0
     rss = results["B"]["distributed"][str(SMALL_CLIENTS_B)]["rss_mib"]
     assert {"api", "notifier", "orchestrator", "aggregator-1", "aggregator-2"} <= set(rss)
     # Scraped from every process: the api's requests, the orchestrator's triggers, both aggregators.
