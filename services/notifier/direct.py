@@ -9,8 +9,9 @@ its own beyond the transport's (~3.5 KiB per stream with the transport; a bare a
 is ~1.7; `bench/stream_memory.py`).
 
 `stream_first` makes the uvicorn `http=` protocol class that does it. Each new connection is
-looked at once its first request's head has arrived: `GET /v1/events` over HTTP/1.1 without a body
-is served here (`SocketStream`) once `EventStream.admit` accepts the caller; every other request,
+looked at once its first request's head has arrived: `GET /v1/events` without a body (HTTP/1.1:
+a chunked response; HTTP/1.0, as a proxy may send it: the frames as they are, until the connection
+closes) is served here (`SocketStream`) once `EventStream.admit` accepts the caller; every other request,
 and every refusal, is handed with the bytes read so far to uvicorn's own protocol, so the app
 answers it exactly as it answers any request. A stream asked for on a connection that carried
 another request first reaches the app (`EventStream`): the same frames, more memory.
@@ -53,14 +54,11 @@ HEAD_LIMIT = 64 * 1024
 
 _PATH = b"/v1/events"
 _STREAM_PREFIX = b"GET " + _PATH
-_RESPONSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\n"
-    + b"".join(
-        name + b": " + value + b"\r\n"
-        for name, value in [*STREAM_HEADERS, (b"transfer-encoding", b"chunked")]
-    )
-    + b"\r\n"
-)
+_HEADERS = b"".join(name + b": " + value + b"\r\n" for name, value in STREAM_HEADERS)
+_RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\n" + _HEADERS + b"transfer-encoding: chunked\r\n\r\n"
+"""The head of a stream answering HTTP/1.1: its frames are chunks."""
+_RESPONSE_HEAD_1_0 = b"HTTP/1.1 200 OK\r\n" + _HEADERS + b"connection: close\r\n\r\n"
+"""The head of a stream answering HTTP/1.0 (no chunks there): its body ends when the connection does."""
 _LAST_CHUNK = b"0\r\n\r\n"
 _UNKNOWN = UUID(int=0)
 """The principal of a stream not yet admitted (it is in no hub until it is)."""
@@ -73,6 +71,8 @@ class StreamRequest:
     query_string: bytes
     headers: list[tuple[bytes, bytes]]
     """Names lower case, in the order sent."""
+    chunked: bool = True
+    """Whether the response may be chunked (HTTP/1.1), else it ends with the connection (HTTP/1.0)."""
 
 
 class _Head:
@@ -95,8 +95,8 @@ class _Head:
 
 def stream_request(head: bytes) -> StreamRequest | None:
     """`head` (a request's bytes up to and including its blank line) as a stream request, or None
-    when this path does not serve it: another method, path or HTTP version, a body, an upgrade, an
-    `Expect`, or a head httptools cannot parse (uvicorn then answers it)."""
+    when this path does not serve it: another method or path, an HTTP version other than 1.1 and
+    1.0, a body, an upgrade, an `Expect`, or a head httptools cannot parse (uvicorn then answers it)."""
     if not head.startswith(_STREAM_PREFIX):
         return None
     parsed = _Head()
@@ -105,7 +105,8 @@ def stream_request(head: bytes) -> StreamRequest | None:
         parser.feed_data(head)
     except (httptools.HttpParserError, httptools.HttpParserUpgrade):
         return None
-    if not parsed.complete or parser.get_http_version() != "1.1" or parser.should_upgrade():
+    version = parser.get_http_version()
+    if not parsed.complete or version not in ("1.1", "1.0") or parser.should_upgrade():
         return None
     url = httptools.parse_url(parsed.url)
     if url.path != _PATH or url.fragment:
@@ -115,7 +116,7 @@ def stream_request(head: bytes) -> StreamRequest | None:
             name == b"content-length" and value.strip() != b"0"
         ):
             return None
-    return StreamRequest(url.query or b"", parsed.headers)
+    return StreamRequest(url.query or b"", parsed.headers, chunked=version == "1.1")
 
 
 def stream_first(
@@ -194,6 +195,7 @@ class SocketStream(Subscriber, asyncio.Protocol):
     """
 
     __slots__ = (
+        "_chunked",
         "_head",
         "_http_protocol",
         "_last_sent",
@@ -228,9 +230,11 @@ class SocketStream(Subscriber, asyncio.Protocol):
         self._paused = False
         self._written_paused = 0
         self._resumed: asyncio.Future[None] | None = None
+        self._chunked = True
 
     def admit(self, request: StreamRequest) -> None:
         """Admit the caller and start the stream, or hand the request to uvicorn (a task)."""
+        self._chunked = request.chunked
         self._task = asyncio.get_running_loop().create_task(self._open(request))
 
     async def _open(self, request: StreamRequest) -> None:
@@ -253,7 +257,7 @@ class SocketStream(Subscriber, asyncio.Protocol):
         self._head = self._http_protocol = None
         self._opened = True
         self._sent_at = time.monotonic()
-        self._transport.write(_RESPONSE_HEAD)
+        self._transport.write(_RESPONSE_HEAD if self._chunked else _RESPONSE_HEAD_1_0)
         STREAMS_OPENED.inc(served_by="socket")
         log_stream_open(self, caller.after)
         if caller.after is not None:
@@ -320,7 +324,7 @@ class SocketStream(Subscriber, asyncio.Protocol):
         self._pending = None
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
-        if self._opened and not self._transport.is_closing():
+        if self._opened and self._chunked and not self._transport.is_closing():
             self._transport.write(_LAST_CHUNK)
         self._transport.close()
         log_stream_end(self)
@@ -328,7 +332,7 @@ class SocketStream(Subscriber, asyncio.Protocol):
             self._stream.hub.unsubscribe(self)
 
     def _write(self, frame: bytes) -> None:
-        self._transport.write(b"%x\r\n%b\r\n" % (len(frame), frame))
+        self._transport.write(b"%x\r\n%b\r\n" % (len(frame), frame) if self._chunked else frame)
         self._sent_at = time.monotonic()
 
     def data_received(self, data: bytes) -> None:

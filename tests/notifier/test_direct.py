@@ -73,7 +73,8 @@ def stream_head(caller: Caller, extra: str = "", version: str = "1.1") -> bytes:
         (b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n", True),
         (b"GET /v1/events?training_id=1&access_token=t HTTP/1.1\r\nHost: x\r\n\r\n", True),
         (b"GET /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", True),
-        (b"GET /v1/events HTTP/1.0\r\nHost: x\r\n\r\n", False),
+        (b"GET /v1/events HTTP/1.0\r\nHost: x\r\n\r\n", True),
+        (b"GET /v1/events HTTP/2.0\r\nHost: x\r\n\r\n", False),
         (b"HEAD /v1/events HTTP/1.1\r\nHost: x\r\n\r\n", False),
         (b"POST /v1/events HTTP/1.1\r\nHost: x\r\n\r\n", False),
         (b"GET /v1/eventsx HTTP/1.1\r\nHost: x\r\n\r\n", False),
@@ -86,14 +87,15 @@ def stream_head(caller: Caller, extra: str = "", version: str = "1.1") -> bytes:
         (b"GET /v1/events HTTP/1.1\r\nBad Header\r\n\r\n", False),
     ],
 )
-def test_only_plain_http11_stream_requests_are_taken(head: bytes, taken: bool) -> None:
-    """A GET of exactly `/v1/events` over HTTP/1.1 with no body, upgrade or `Expect`; all else is
-    uvicorn's to answer."""
+def test_only_plain_stream_requests_are_taken(head: bytes, taken: bool) -> None:
+    """A GET of exactly `/v1/events` over HTTP/1.1 or 1.0 with no body, upgrade or `Expect`; all
+    else is uvicorn's to answer."""
     request = stream_request(head)
     assert (request is not None) is taken
     if request is not None:
         assert (b"host", b"x") in request.headers
         assert request.query_string == (b"training_id=1&access_token=t" if b"?" in head else b"")
+        assert request.chunked is (b"HTTP/1.1" in head)
 
 
 async def test_a_stream_that_opens_its_connection_is_served_off_the_socket(server: NotifierServer) -> None:
@@ -150,10 +152,11 @@ async def test_a_head_arriving_in_pieces_is_served_off_the_socket(server: Notifi
         assert chunk.startswith(b"id: ") and chunk.endswith(b"\n\n\r\n")
 
 
-async def test_requests_left_to_uvicorn_are_answered_as_without_the_socket_path(
+async def test_an_http_1_0_stream_sends_its_frames_unchunked_until_the_connection_ends(
     server: NotifierServer,
 ) -> None:
-    """HTTP/1.0, a stream request with a body, another path and pipelined requests all reach the app."""
+    """A proxy speaking HTTP/1.0 gets the stream off the socket too: no chunks (HTTP/1.0 has none),
+    the frames as they are, and the end of the stream is the end of the connection."""
     client = await make_principal(server.runtime, "client")
     before = opened()
     async with raw_connection(server) as (reader, writer):
@@ -161,13 +164,29 @@ async def test_requests_left_to_uvicorn_are_answered_as_without_the_socket_path(
         async with asyncio.timeout(WAIT_S):
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-        assert opened_since(before) == {"socket": 0, "asgi": 1}
+        assert b"connection: close\r\n" in head and b"transfer-encoding" not in head
+        assert opened_since(before) == {"socket": 1, "asgi": 0}
+        sent = await emit(server.runtime, notification([client.id]))
+        async with asyncio.timeout(WAIT_S):
+            frame = await reader.readuntil(b"\n\n")
+        assert frame.startswith(b"id: ") and str(sent.event_id).encode() in frame
+        server.notifier.end_streams()
+        async with asyncio.timeout(WAIT_S):
+            assert await reader.read() == b"", "the stream ends with the connection, no last chunk"
+
+
+async def test_requests_left_to_uvicorn_are_answered_as_without_the_socket_path(
+    server: NotifierServer,
+) -> None:
+    """A stream request with a body, another path and pipelined requests all reach the app."""
+    client = await make_principal(server.runtime, "client")
+    before = opened()
     async with raw_connection(server) as (reader, writer):
         writer.write(stream_head(client, "Content-Length: 2\r\n") + b"{}")
         async with asyncio.timeout(WAIT_S):
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-        assert opened_since(before) == {"socket": 0, "asgi": 2}
+        assert opened_since(before) == {"socket": 0, "asgi": 1}
     async with raw_connection(server) as (reader, writer):
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
         async with asyncio.timeout(WAIT_S):
@@ -185,7 +204,7 @@ async def test_requests_left_to_uvicorn_are_answered_as_without_the_socket_path(
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     async with httpx.AsyncClient(base_url=server.url) as http:
         assert (await http.get("/v1/eventsx", headers=client.headers)).status_code == 404
-    assert opened_since(before) == {"socket": 0, "asgi": 2}
+    assert opened_since(before) == {"socket": 0, "asgi": 1}
 
 
 async def test_a_failing_admission_is_handed_to_the_app(
