@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.e2e import BenchConfig, async_url, create_database, drop_database
+from bench.e2e import add_postgres_flag, async_url, create_database, drop_database
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from shared.auth import new_token
@@ -247,13 +247,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument(
-        "--postgres",
-        nargs="?",
-        const=BenchConfig().admin_dsn,
-        default=None,
-        metavar="ADMIN_DSN",
-        help="PostgreSQL (a fresh database, dropped after) and its blob store instead of SQLite",
+    add_postgres_flag(
+        parser, "PostgreSQL (a fresh database, dropped after) and its blob store instead of SQLite"
     )
     args = parser.parse_args()
     configure_logging("INFO")  # as `fedhub serve` runs: what is logged per request is part of the cost

@@ -311,6 +311,19 @@ async def embedded_process(data_dir: Path, config: BenchConfig) -> AsyncIterator
             await asyncio.to_thread(process.wait)
 
 
+def add_postgres_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """`--postgres [ADMIN_DSN]`: the run over a fresh PostgreSQL database on that server (without a
+    value: `BenchConfig`'s), None when not given."""
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const=BenchConfig().admin_dsn,
+        default=None,
+        metavar="ADMIN_DSN",
+        help=help_text,
+    )
+
+
 def async_url(admin_dsn: str, database: str) -> str:
     """The SQLAlchemy asyncpg URL of `database` on the server of `admin_dsn`."""
     from sqlalchemy.engine import make_url

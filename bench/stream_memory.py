@@ -41,7 +41,7 @@ import services.notifier.models  # noqa: F401 - registers the notifier's tables 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.e2e import BenchConfig, async_url, create_database, drop_database
+from bench.e2e import add_postgres_flag, async_url, create_database, drop_database
 from bench.processes import server_process
 from fedhub.distributed import free_port
 from shared.auth import hash_token, new_token
@@ -249,13 +249,8 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--streams", type=int, default=1000, help="streams held open at once")
-    parser.add_argument(
-        "--postgres",
-        nargs="?",
-        const=BenchConfig().admin_dsn,
-        default=None,
-        metavar="ADMIN_DSN",
-        help="the notifiers over a fresh PostgreSQL database (default server: the e2e bench's)",
+    add_postgres_flag(
+        parser, "the notifiers over a fresh PostgreSQL database (default server: the e2e bench's)"
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
