@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import services.notifier.models  # noqa: F401 - registers the notifier's tables 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.e2e import add_postgres_flag, async_url, create_database, drop_database
-from bench.processes import server_process
+from bench.processes import server_process, wait_serving
 from fedhub.distributed import free_port
 from shared.auth import hash_token, new_token
 from shared.db.models import Principal
@@ -96,25 +95,6 @@ async def make_clients(database_url: str, blob_path: Path, n: int) -> list[str]:
     finally:
         await runtime.close()
     return tokens
-
-
-async def wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path, path: str | None) -> None:
-    """Until the server accepts connections (and answers 200 on `path`, if given)."""
-    deadline = time.monotonic() + 60
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                output = await asyncio.to_thread(log.read_text)
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{output}")
-            with contextlib.suppress(OSError, httpx.TransportError):
-                if path is None:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.close()
-                    return
-                if (await http.get(path)).status_code == 200:
-                    return
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{proc.args} did not start:\n{await asyncio.to_thread(log.read_text)}")
 
 
 async def open_stream(port: int, token: str) -> asyncio.StreamWriter:
@@ -188,7 +168,7 @@ async def _notifier_run(n: int, socket_streams: bool, tmp: Path, database_url: s
     }
     log = tmp / "notifier.log"
     with server_process([sys.executable, "-m", "fedhub.cli", "notifier"], env, log) as proc:
-        await wait_listening(port, proc, log, "/readyz")
+        await wait_serving(port, proc, log, "/readyz")
         figures = await measure(proc.pid, port, tokens[:WARM_UP], tokens[WARM_UP:])
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             samples = parse_exposition((await http.get("/metrics")).text)
@@ -205,7 +185,7 @@ async def floor_run(n: int, tmp: Path) -> dict[str, float]:
     port = free_port()
     log = tmp / "floor.log"
     with server_process([sys.executable, "-c", FLOOR_SERVER, str(port)], {}, log) as proc:
-        await wait_listening(port, proc, log, None)
+        await wait_serving(port, proc, log, None)
         return await measure(proc.pid, port, ["-"] * WARM_UP, ["-"] * n)
 
 

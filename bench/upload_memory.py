@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.processes import server_process
+from bench.processes import server_process, wait_serving
 from fedhub.distributed import free_port
 from shared.codec import packb, tensor_entry_prefix
 from shared.db.models import ClientUpdate, Training
@@ -86,23 +84,6 @@ async def body(fields: dict[str, object], nbytes: int) -> AsyncIterator[bytes]:
         sent += n
 
 
-def _text(path: Path) -> str:
-    return path.read_text()
-
-
-async def wait_ready(http: httpx.AsyncClient, proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Poll /readyz until the API answers (or fail with its log when it exits)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fedhub api exited with {proc.returncode}:\n{_text(log)}")
-        with contextlib.suppress(httpx.TransportError):
-            if (await http.get("/readyz")).status_code == 200:
-                return
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"fedhub api did not become ready:\n{_text(log)}")
-
-
 async def timed_upload(
     http: httpx.AsyncClient,
     pid: int,
@@ -153,8 +134,8 @@ async def run(mb: int, root: Path) -> list[Row]:
         log = folder / "api.log"
         timeout = httpx.Timeout(600, connect=10)
         with server_process([sys.executable, "-m", "fedhub.cli", "api"], env, log, root) as proc:
+            await wait_serving(port, proc, log, "/readyz")
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as http:
-                await wait_ready(http, proc, log)
                 admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
                 resp = await http.post(
                     "/v1/principals", json={"name": "site", "role": "client"}, headers=admin
