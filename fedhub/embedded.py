@@ -20,7 +20,7 @@ from pydantic import Field
 
 from services.aggregator.service import Aggregator
 from services.aggregator.settings import AggregatorSettings
-from services.api.main import create_app
+from services.api.main import create_app, http_protocol
 from services.api.settings import ApiSettings
 from services.notifier import models as _notifier_tables  # noqa: F401 - registers its tables for create_schema
 from services.notifier.direct import stream_first
@@ -106,7 +106,8 @@ class EmbeddedServer:
         )
         aggregator = Aggregator(AggregatorSettings(**common), runtime)
         notifier = Notifier(NotifierSettings(**common, keepalive_s=s.keepalive_s), runtime)
-        app = create_app(ApiSettings(**common, admin_token=s.admin_token), runtime)
+        api_settings = ApiSettings(**common, admin_token=s.admin_token)
+        app = create_app(api_settings, runtime)
         notifier.serve_on(app)
 
         for service in (orchestrator, aggregator, notifier):
@@ -121,6 +122,7 @@ class EmbeddedServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((s.host, s.port))
         self.port = sock.getsockname()[1]
+        api_http = http_protocol(api_settings, app)
         config = uvicorn.Config(
             app,
             log_level="warning",
@@ -128,7 +130,11 @@ class EmbeddedServer:
             timeout_graceful_shutdown=3,
             access_log=False,
             timeout_keep_alive=s.idle_connection_s,
-            http=stream_first(lambda: notifier.stream) if notifier.settings.socket_streams else "auto",
+            http=(
+                stream_first(lambda: notifier.stream, http=api_http)
+                if notifier.settings.socket_streams
+                else api_http
+            ),
         )
         self._server = uvicorn.Server(config)
         self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="uvicorn")

@@ -8,7 +8,9 @@ The server is busy either way, so the work done per second is the same. Event st
 as long as a client listens) and probes never wait.
 
 One `Slots` serves the whole app: the middleware (`ConcurrencyGate`) and the report routes' short
-lane (`services.api.lane`) take their turns from the same slots.
+lane (`services.api.lane`) take their turns from the same slots. Served by `fedhub api` or the
+embedded server, requests meet a gate below this one first (`services.api.connections`): there a
+waiting request is not even read, and requests other than the clients' reports have fewer slots.
 """
 
 from __future__ import annotations

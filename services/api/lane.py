@@ -104,6 +104,14 @@ class Api(FastAPI):
     """The API's app: a `FastAPI` whose report routes take the `HotLane` when it has one."""
 
     lane: HotLane | None = None
+    report_routes: tuple[DirectRoute, ...] = ()
+    """The routes of the clients' reports (`updates.direct_routes`), lane or not."""
+
+    def is_report(self, method: str, path: str) -> bool:
+        """Whether a request is one of the clients' reports (the socket gate's question)."""
+        return any(
+            method in (route.methods or ()) and route.path_regex.match(path) for route in self.report_routes
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from http import HTTPStatus
@@ -12,8 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from services.api.cache import ApiCache
+from services.api.connections import gated_connections
 from services.api.gate import ConcurrencyGate, Slots
 from services.api.lane import Api, HotLane
 from services.api.routes import ROUTERS, updates
@@ -68,6 +71,7 @@ def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> Api:
     # serves them (`services.api.lane`), the router when the lane cannot.
     direct = updates.direct_routes()
     app.router.routes[:0] = direct
+    app.report_routes = tuple(direct)
     slots = Slots(settings.max_concurrent_requests)
     app.add_middleware(ConcurrencyGate, slots=slots)
     app.add_middleware(RequestMetrics, app_name="api")
@@ -140,10 +144,21 @@ def main() -> None:
         raise SystemExit(f"fedhub api: invalid settings (is FEDHUB_ADMIN_TOKEN set?)\n{exc}") from exc
     configure_logging(settings.log_level, settings.log_format)
     collect_less_often()
+    app = create_app(settings)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         timeout_keep_alive=settings.idle_connection_s,
+        http=http_protocol(settings, app),
     )
+
+
+def http_protocol(settings: ApiSettings, app: Api) -> type[asyncio.Protocol]:
+    """The `http=` protocol class of a uvicorn server serving `app`."""
+    if settings.gate_at_socket:
+        return gated_connections(
+            settings.max_concurrent_requests, settings.max_concurrent_other_requests, app.is_report
+        )
+    return AutoHTTPProtocol

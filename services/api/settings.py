@@ -27,6 +27,22 @@ class ApiSettings(CommonSettings):
         ge=1,
         description="requests worked on at once; more wait their turn (event streams never wait)",
     )
+    max_concurrent_other_requests: int = Field(
+        default=32,
+        ge=1,
+        description=(
+            "with gate_at_socket: requests other than clients' reports worked on at once (each runs "
+            "its own queries: more than the database pool holds would only wait inside it)"
+        ),
+    )
+    gate_at_socket: bool = Field(
+        default=True,
+        description=(
+            "keep the requests beyond max_concurrent_requests unread in their sockets, and no request "
+            "state on idle connections (services/api/connections.py); false: uvicorn reads every "
+            "request and the app's gate holds the rest"
+        ),
+    )
     create_tables: bool = Field(
         default=False, description="create missing tables at start (SQLite, development); else migrate"
     )

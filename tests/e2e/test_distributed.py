@@ -59,6 +59,8 @@ class Outcome:
     """(round, client) of every upload the clients saw accepted."""
     streams: dict[str, float]
     """Event streams the notifier opened, by what served them (`socket`, `asgi`)."""
+    gated: float
+    """Requests that took a slot at the API's socket gate (since its last start)."""
 
 
 class Faults:
@@ -195,12 +197,17 @@ async def _train(settings: ClusterSettings, faults: Faults | None = None) -> Out
                 kind: total(samples, "fedhub_event_streams_opened_total", served_by=kind)
                 for kind in ("socket", "asgi")
             }
+            async with httpx.AsyncClient(base_url=cluster.base_url) as http:
+                api_samples = parse_exposition((await http.get("/metrics")).text)
+            gated = total(api_samples, "fedhub_api_socket_gate_requests_total")
             codes = cluster.stop()
     finally:
         await _delete_namespace(settings)
     # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done: -15 is clean too.
     assert all(code in (0, -signal.SIGTERM) for code in codes.values()), f"unclean exit on SIGTERM: {codes}"
-    return Outcome(str(final["state"]), weights, rounds, workload.global_accuracy(weights), uploads, streams)
+    return Outcome(
+        str(final["state"]), weights, rounds, workload.global_accuracy(weights), uploads, streams, gated
+    )
 
 
 async def _delete_namespace(settings: ClusterSettings) -> None:
@@ -248,6 +255,9 @@ async def test_five_clients_three_rounds_across_processes(cluster_settings: Clus
     # `fedhub notifier` serves every client's stream off the socket (services/notifier/direct.py).
     assert outcome.streams["socket"] >= CLIENTS
     assert outcome.streams["asgi"] == 0
+    # `fedhub api` gates the clients' requests at the socket (services/api/connections.py): every
+    # upload and test report at least took a slot there.
+    assert outcome.gated >= 2 * CLIENTS * ROUNDS
     if not _FAULT_FREE:
         _FAULT_FREE.append(outcome)
 

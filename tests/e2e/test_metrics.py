@@ -71,6 +71,9 @@ async def test_a_training_shows_in_every_phase_metric(tmp_path: Path) -> None:
     for kind, opened in (("socket", CLIENTS), ("asgi", 0)):
         name = "fedhub_event_streams_opened_total"
         assert total(after, name, served_by=kind) - total(streams_before, name, served_by=kind) == opened
+    # Its API gates each report at the socket (services/api/connections.py).
+    gated = "fedhub_api_socket_gate_requests_total"
+    assert total(after, gated) - total(before, gated) >= 2 * CLIENTS * ROUNDS
 
     def triggers(on: str, emits: str) -> float:
         return _count(after, before, "fedhub_orchestrator_trigger_seconds", on=on, emits=emits)
