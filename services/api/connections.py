@@ -166,9 +166,8 @@ class Gated(HttpToolsProtocol):
 
     def _feed(self, data: bytes) -> None:
         super().data_received(data)
-        if (
-            self._slot is not None and self._between_requests()
-        ):  # e.g. the rest of a body its answer did not wait for
+        # Answered and now read to its end (e.g. the rest of a body its answer did not wait for).
+        if self._slot is not None and self._between_requests():
             self._done()
 
     def on_message_begin(self) -> None:
