@@ -288,3 +288,27 @@ async def test_the_servers_scope_keeps_nothing_the_stack_added(world: World) -> 
         await app(scope, receive, send)
         assert (sent[0]["type"], sent[0]["status"]) == ("http.response.start", status), sent
         assert scope == passed, path
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "report"),
+    [
+        ("POST", "/v1/trainings/0b7c1a52-56f3-4f57-9a55-1b1d3a3b8d11/updates", True),
+        ("POST", "/v1/trainings/0b7c1a52-56f3-4f57-9a55-1b1d3a3b8d11/test-metrics", True),
+        ("POST", "/v1/trainings/not-a-uuid/updates", True),  # its 422 is the route's to give
+        ("GET", "/v1/trainings/0b7c1a52-56f3-4f57-9a55-1b1d3a3b8d11/updates", False),
+        ("GET", "/v1/trainings/0b7c1a52-56f3-4f57-9a55-1b1d3a3b8d11", False),
+        ("POST", "/v1/trainings/0b7c1a52-56f3-4f57-9a55-1b1d3a3b8d11/start", False),
+        ("POST", "/v1/principals", False),
+    ],
+)
+async def test_the_socket_gate_tells_reports_by_the_report_routes(
+    runtime: Runtime, method: str, path: str, report: bool
+) -> None:
+    """`Api.is_report` (the socket gate's question, `services/api/connections.py`) is true exactly
+    for the requests the report routes take, whether or not the app has its lane."""
+    app = create_app(api_settings(runtime), runtime)
+    assert app.lane is not None
+    assert app.is_report(method, path) is report
+    app.lane = None  # as for an app the lane stays off for
+    assert app.is_report(method, path) is report
