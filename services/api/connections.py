@@ -7,15 +7,20 @@ each a task, scope, headers and body, although the app's gate (`services.api.gat
 `max_concurrent_requests` work at once: from 10 to 1,000 clients the API's memory grew by ~27 MiB.
 
 `Gated` is uvicorn's protocol with the gate moved below it. Once a request's head has arrived in
-full, the connection takes one of the `SocketGate`'s slots and uvicorn parses the bytes read;
-when every slot is taken the connection stops reading (the rest of its request stays in the
-socket) and waits its turn, in arrival order, holding only the bytes already read. When its answer
-is sent and nothing of the request is left unread, the slot passes on and the request's state is
-dropped. Requests the app's gate lets through at once (event streams and probes,
-`gate.UNGATED`) take no slot. The app's gate stays, for a server other than this protocol.
+full, the connection takes a slot of one of two `SocketGate`s and uvicorn parses the bytes read:
+the clients' round requests (their reports and model downloads, `max_concurrent_requests`: every
+client sends them each round, and the reports' database work is done in groups) or any other
+(`max_concurrent_other_requests`: each runs queries of its own, and more of them at once than the
+database pool holds would wait for a connection inside SQLAlchemy's greenlet, whose saved stack
+stays in the process: fewer at once measured both leaner and faster). When every slot is taken
+the connection stops reading (the rest of its request stays in the socket) and waits its turn, in
+arrival order, holding only the bytes already read. When its answer is sent and nothing of the
+request is left unread, the slot passes on and the request's state is dropped. Requests the app's
+gate lets through at once (event streams and probes, `gate.UNGATED`) take no slot. The app's gate
+stays, for a server other than this protocol.
 
-`gated_connections(limit)` makes the `uvicorn.Config(http=...)` protocol class: a class per
-server, each with its own gate.
+`gated_connections(...)` makes the `uvicorn.Config(http=...)` protocol class: a class per server,
+each with its own gates.
 """
 
 from __future__ import annotations
@@ -81,12 +86,12 @@ class SocketGate:
 
 @dataclass(frozen=True, slots=True)
 class Gates:
-    """A server's gates: one for the clients' reports, one for every other request it gates."""
+    """A server's gates: one for the clients' round requests, one for every other request it gates."""
 
-    reports: SocketGate
+    rounds: SocketGate
     others: SocketGate
-    is_report: Callable[[str, str], bool]
-    """Whether a request (method, path) is a client's report."""
+    is_round: Callable[[str, str], bool]
+    """Whether a request (method, path) is one of a client's round requests (a report, a download)."""
 
     def of(self, head: bytes) -> SocketGate | None:
         """The gate of the request `head` starts (None: an ungated one)."""
@@ -98,16 +103,16 @@ class Gates:
             path = target.partition(b"?")[0].decode("ascii")
         except UnicodeDecodeError:
             return self.others
-        return self.reports if self.is_report(method.decode("latin-1"), path) else self.others
+        return self.rounds if self.is_round(method.decode("latin-1"), path) else self.others
 
 
-def gated_connections(reports: int, others: int, is_report: Callable[[str, str], bool]) -> type[Gated]:
-    """A protocol class for `uvicorn.Config(http=...)`: at most `reports` connections with a
-    client's report (`is_report(method, path)`) and `others` with another request worked on at
-    once, the rest waiting unread (see the module doc)."""
+def gated_connections(rounds: int, others: int, is_round: Callable[[str, str], bool]) -> type[Gated]:
+    """A protocol class for `uvicorn.Config(http=...)`: at most `rounds` connections with one of
+    a client's round requests (`is_round(method, path)`) and `others` with another request worked
+    on at once, the rest waiting unread (see the module doc)."""
 
     class GatedHere(Gated):
-        _gates = Gates(SocketGate(reports), SocketGate(others), is_report)
+        _gates = Gates(SocketGate(rounds), SocketGate(others), is_round)
 
     return GatedHere
 
@@ -217,7 +222,7 @@ class Gated(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._gates.reports.leave(self)
+        self._gates.rounds.leave(self)
         self._gates.others.leave(self)
         self._waiting = False
         self._held = b""

@@ -23,6 +23,7 @@ report routes no more; fedhub's metrics are its Prometheus ones (`GET /metrics`)
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -104,14 +105,13 @@ class Api(FastAPI):
     """The API's app: a `FastAPI` whose report routes take the `HotLane` when it has one."""
 
     lane: HotLane | None = None
-    report_routes: tuple[DirectRoute, ...] = ()
-    """The routes of the clients' reports (`updates.direct_routes`), lane or not."""
+    round_requests: tuple[tuple[frozenset[str], re.Pattern[str]], ...] = ()
+    """(methods, path pattern) of every client's requests in every round: its reports
+    (`updates.direct_routes`, lane or not) and its model downloads (`models.DOWNLOADS`)."""
 
-    def is_report(self, method: str, path: str) -> bool:
-        """Whether a request is one of the clients' reports (the socket gate's question)."""
-        return any(
-            method in (route.methods or ()) and route.path_regex.match(path) for route in self.report_routes
-        )
+    def is_round_request(self, method: str, path: str) -> bool:
+        """Whether a request is one of the clients' round requests (the socket gate's question)."""
+        return any(method in methods and pattern.match(path) for methods, pattern in self.round_requests)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

@@ -13,13 +13,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from services.api.cache import ApiCache
 from services.api.connections import gated_connections
 from services.api.gate import ConcurrencyGate, Slots
 from services.api.lane import Api, HotLane
-from services.api.routes import ROUTERS, updates
+from services.api.routes import ROUTERS, models, updates
 from services.api.settings import ApiSettings
 from shared.auth import PrincipalCache, ensure_admin
 from shared.errors import FedhubError, Unauthenticated
@@ -71,7 +72,10 @@ def create_app(settings: ApiSettings, runtime: Runtime | None = None) -> Api:
     # serves them (`services.api.lane`), the router when the lane cannot.
     direct = updates.direct_routes()
     app.router.routes[:0] = direct
-    app.report_routes = tuple(direct)
+    app.round_requests = (
+        *((frozenset(route.methods or ()), route.path_regex) for route in direct),
+        *((frozenset({"GET", "HEAD"}), compile_path(path)[0]) for path in models.DOWNLOADS),
+    )
     slots = Slots(settings.max_concurrent_requests)
     app.add_middleware(ConcurrencyGate, slots=slots)
     app.add_middleware(RequestMetrics, app_name="api")
@@ -159,6 +163,6 @@ def http_protocol(settings: ApiSettings, app: Api) -> type[asyncio.Protocol]:
     """The `http=` protocol class of a uvicorn server serving `app`."""
     if settings.gate_at_socket:
         return gated_connections(
-            settings.max_concurrent_requests, settings.max_concurrent_other_requests, app.is_report
+            settings.max_concurrent_requests, settings.max_concurrent_other_requests, app.is_round_request
         )
     return AutoHTTPProtocol

@@ -25,14 +25,17 @@ class ApiSettings(CommonSettings):
     max_concurrent_requests: int = Field(
         default=256,
         ge=1,
-        description="requests worked on at once; more wait their turn (event streams never wait)",
+        description=(
+            "requests worked on at once; more wait their turn (event streams never wait). With "
+            "gate_at_socket, the clients' round requests: reports and model downloads"
+        ),
     )
     max_concurrent_other_requests: int = Field(
-        default=32,
+        default=16,
         ge=1,
         description=(
-            "with gate_at_socket: requests other than clients' reports worked on at once (each runs "
-            "its own queries: more than the database pool holds would only wait inside it)"
+            "with gate_at_socket: other requests worked on at once (each runs its own queries: "
+            "more than the database pool holds would only wait inside it)"
         ),
     )
     gate_at_socket: bool = Field(

@@ -62,7 +62,7 @@ class Served:
     app: App
     port: int
     gate: SocketGate
-    """The reports' gate (every POST here but `/other/...`)."""
+    """The round requests' gate (every POST here but `/other/...`)."""
     others: SocketGate
     task: asyncio.Task[None]
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -99,7 +99,7 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[Served]]]:
             assert not task.done(), task.result()
             await asyncio.sleep(0.01)
         gates = http._gates
-        served = Served(server, app, sock.getsockname()[1], gates.reports, gates.others, task)
+        served = Served(server, app, sock.getsockname()[1], gates.rounds, gates.others, task)
         started.append(served)
         return served
 
@@ -116,7 +116,7 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[Served]]]:
 
 
 def is_report(method: str, path: str) -> bool:
-    """The reports of these tests: every POST but to `/other/...`."""
+    """The round requests of these tests: every POST but to `/other/...`."""
     return method == "POST" and not path.startswith("/other")
 
 
@@ -303,8 +303,8 @@ def _updates(method: str, path: str) -> bool:
 @pytest.mark.parametrize(
     ("head", "gate"),
     [
-        (b"POST /v1/trainings/1/updates HTTP/1.1\r\n", "reports"),
-        (b"POST /v1/trainings/1/updates?x=1 HTTP/1.1\r\n", "reports"),
+        (b"POST /v1/trainings/1/updates HTTP/1.1\r\n", "rounds"),
+        (b"POST /v1/trainings/1/updates?x=1 HTTP/1.1\r\n", "rounds"),
         (b"GET /v1/trainings/1 HTTP/1.1\r\n", "others"),
         (b"GET /v1/events?training_id=1 HTTP/1.1\r\n", None),
         (b"GET /healthz HTTP/1.1\r\n", None),

@@ -300,15 +300,19 @@ async def test_the_servers_scope_keeps_nothing_the_stack_added(world: World) -> 
         ("GET", "/v1/trainings/0b7c1a52-56f3-4f57-9a55-1b1d3a3b8d11", False),
         ("POST", "/v1/trainings/0b7c1a52-56f3-4f57-9a55-1b1d3a3b8d11/start", False),
         ("POST", "/v1/principals", False),
+        ("GET", "/v1/models/0b7c1a52-56f3-4f57-9a55-1b1d3a3b8d11/weights", True),
+        ("GET", "/v1/models/0b7c1a52-56f3-4f57-9a55-1b1d3a3b8d11/members/2", True),
+        ("GET", "/v1/models/0b7c1a52-56f3-4f57-9a55-1b1d3a3b8d11", False),
+        ("POST", "/v1/models", False),
     ],
 )
-async def test_the_socket_gate_tells_reports_by_the_report_routes(
+async def test_the_socket_gate_tells_round_requests_by_their_routes(
     runtime: Runtime, method: str, path: str, report: bool
 ) -> None:
-    """`Api.is_report` (the socket gate's question, `services/api/connections.py`) is true exactly
-    for the requests the report routes take, whether or not the app has its lane."""
+    """`Api.is_round_request` (the socket gate's question, `services/api/connections.py`) is true
+    exactly for the requests the report and model download routes take, lane or not."""
     app = create_app(api_settings(runtime), runtime)
     assert app.lane is not None
-    assert app.is_report(method, path) is report
+    assert app.is_round_request(method, path) is report
     app.lane = None  # as for an app the lane stays off for
-    assert app.is_report(method, path) is report
+    assert app.is_round_request(method, path) is report

@@ -27,6 +27,11 @@ from shared.db.models import Model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
+DOWNLOADS = frozenset(
+    {f"{router.prefix}/{{model_id}}/weights", f"{router.prefix}/{{model_id}}/members/{{index}}"}
+)
+"""The routes a client downloads a round's model by (the socket gate counts them with the reports)."""
+
 _TENSOR_BODY = {
     "requestBody": {
         "required": True,
