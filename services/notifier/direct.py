@@ -46,7 +46,6 @@ from services.notifier.sse import (
     replay,
 )
 from shared.errors import FedhubError
-from shared.http_connections import hand_over
 
 log = structlog.get_logger(component="notifier.direct")
 
@@ -174,6 +173,14 @@ class _StreamFirst(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+
+
+def hand_over(transport: asyncio.Transport, protocol: asyncio.Protocol, read: bytes) -> None:
+    """Make `protocol` the connection's from here on, as if it had read `read` from the start."""
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if read:
+        protocol.data_received(read)
 
 
 class SocketStream(Subscriber, asyncio.Protocol):
