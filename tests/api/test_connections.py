@@ -68,11 +68,20 @@ class Served:
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
     def idle(self) -> int:
-        """Open connections holding no request's state (between requests, or waiting for a slot)."""
+        """Open connections holding no request's state (between requests, or waiting for a slot):
+        no cycle, scope, request parser or pipeline queue (a new connection has its first parser)."""
         return sum(
-            isinstance(c, Gated) and c.cycle is None and c.scope is None
+            isinstance(c, Gated)
+            and c.cycle is None
+            and c.scope is None
+            and (c.parser is None or c._slot is None)
+            and not c.pipeline
             for c in self.server.server_state.connections
         )
+
+    def parsers(self) -> int:
+        """Open connections holding a request parser."""
+        return sum(c.parser is not None for c in self.server.server_state.connections)
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A plain TCP connection, closed when the test ends."""
@@ -153,6 +162,11 @@ async def test_a_kept_alive_connection_keeps_no_request_between_requests(serve: 
         assert head.startswith(b"HTTP/1.1 200") and body == f"/fast/{i} {i}".encode()
         await until(lambda: served.idle() == 1)
     assert GATED.value() - before == 3
+    assert served.parsers() == 0  # an answered connection keeps no parser
+    # Its next requests get one again, pipelined ones too.
+    writer.write(request("/p/1", b"1") + request("/p/2", b"22"))
+    assert [(await answer(reader))[1] for _ in range(2)] == [b"/p/1 1", b"/p/2 2"]
+    await until(lambda: served.idle() == 1 and served.parsers() == 0)
     writer.close()
     await until(lambda: not served.server.server_state.connections)
 
