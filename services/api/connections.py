@@ -2,9 +2,10 @@
 
 Every client keeps one connection to the API open between rounds, and uvicorn's protocol keeps the
 last request with it (its scope, headers and cycle) beside its parser and queues: 7.4 KiB of the
-server's memory per idle connection with its transport. And when a round's uploads arrive together, uvicorn reads every one of them and gives
-each a task, scope, headers and body, although the app's gate (`services.api.gate`) lets only
-`max_concurrent_requests` work at once: from 10 to 1,000 clients the API's memory grew by ~27 MiB.
+server's memory per idle connection with its transport. And when a round's uploads arrive
+together, uvicorn reads every one of them and gives each a task, scope, headers and body, although
+the app's gate (`services.api.gate`) lets only `max_concurrent_requests` work at once: from 10 to
+1,000 clients the API's memory grew by ~27 MiB.
 
 `Gated` is uvicorn's protocol with the gate moved below it. Once a request's head has arrived in
 full, the connection takes a slot of one of two `SocketGate`s and uvicorn parses the bytes read:
