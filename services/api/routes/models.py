@@ -27,9 +27,9 @@ from shared.db.models import Model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-DOWNLOADS = frozenset(
-    {f"{router.prefix}/{{model_id}}/weights", f"{router.prefix}/{{model_id}}/members/{{index}}"}
-)
+_WEIGHTS = "/{model_id}/weights"
+_MEMBER_WEIGHTS = "/{model_id}/members/{index}"
+DOWNLOADS = frozenset({router.prefix + _WEIGHTS, router.prefix + _MEMBER_WEIGHTS})
 """The routes a client downloads a round's model by (the socket gate counts them with the reports)."""
 
 _TENSOR_BODY = {
@@ -91,7 +91,7 @@ async def get_model(model_id: UUID, principal: CurrentPrincipal, uow: UowDep, ca
 
 
 @router.get(
-    "/{model_id}/weights",
+    _WEIGHTS,
     response_class=Response,
     responses={200: {"content": {MSGPACK: {}, JSON: {}}, "description": "the tensor payload"}},
 )
@@ -127,7 +127,7 @@ async def get_members(
 
 
 @router.get(
-    "/{model_id}/members/{index}",
+    _MEMBER_WEIGHTS,
     response_class=Response,
     responses={
         200: {"content": {MSGPACK: {}, JSON: {}}, "description": "the member's tensor payload"},
