@@ -150,7 +150,8 @@ class Gated(HttpToolsProtocol):
         """The gate whose slot this connection holds."""
         self._held = b""
         """What was read of a request that has no slot yet."""
-        self._waiting = False
+        self._waiting: SocketGate | None = None
+        """The gate this connection waits at for a slot."""
         self._in_message = False
         self._last = False
         """Shut down while waiting: answered, then closed."""
@@ -162,7 +163,7 @@ class Gated(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         held = self._held + data
         self._held = held
-        if self._waiting or (held.find(b"\r\n\r\n") < 0 and len(held) <= HEAD_LIMIT):
+        if self._waiting is not None or (held.find(b"\r\n\r\n") < 0 and len(held) <= HEAD_LIMIT):
             return  # its turn has not come, or its head is not all here
         gate = self._gates.of(held)
         if gate is None:
@@ -171,7 +172,7 @@ class Gated(HttpToolsProtocol):
         elif gate.take(self):
             self.admit(gate)
         else:
-            self._waiting = True
+            self._waiting = gate
             self.transport.pause_reading()
 
     def admit(self, gate: SocketGate) -> None:
@@ -179,8 +180,8 @@ class Gated(HttpToolsProtocol):
         held, self._held = self._held, b""
         self._slot = gate
         GATED.inc()
-        if self._waiting:
-            self._waiting = False
+        if self._waiting is not None:
+            self._waiting = None
             self.transport.resume_reading()
         self._feed(held)
         if self._last:
@@ -235,7 +236,7 @@ class Gated(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         """The server stops: a request waiting for its turn is answered, then the connection closes."""
-        if self._waiting:
+        if self._waiting is not None:
             self._last = True
         else:
             super().shutdown()
@@ -246,8 +247,8 @@ class Gated(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._gates.rounds.leave(self)
-        self._gates.others.leave(self)
-        self._waiting = False
+        if self._waiting is not None:
+            self._waiting.leave(self)
+            self._waiting = None
         self._held = b""
         self._release()

@@ -69,13 +69,9 @@ class Served:
 
     def idle(self) -> int:
         """Open connections holding no request's state (between requests, or waiting for a slot):
-        no cycle, scope, request parser or pipeline queue (a new connection has its first parser)."""
+        no cycle, scope or queued request (`parsers` tells whether the parser went too)."""
         return sum(
-            isinstance(c, Gated)
-            and c.cycle is None
-            and c.scope is None
-            and (c.parser is None or c._slot is None)
-            and not c.pipeline
+            isinstance(c, Gated) and c.cycle is None and c.scope is None and not c.pipeline
             for c in self.server.server_state.connections
         )
 
