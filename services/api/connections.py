@@ -28,6 +28,7 @@ each with its own gates.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections import deque
@@ -53,6 +54,49 @@ GATED = REGISTRY.counter(
     "fedhub_api_socket_gate_requests_total",
     "Requests that took a slot at the API's gate at the socket (services/api/connections.py)",
 )
+
+
+class LeanFlow:
+    """uvicorn's `FlowControl` (the same attributes and methods) without an `asyncio.Event` per
+    connection: the event, made when the transport first asks to pause writing, is what a response
+    waits on to write on. uvicorn's made one for every connection, with its waiter queue: ~1 KiB
+    of each idle connection's memory, for a pause most connections never see."""
+
+    __slots__ = ("_transport", "_writable", "read_paused", "write_paused")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._writable: asyncio.Event | None = None
+        self.read_paused = False
+        self.write_paused = False
+
+    async def drain(self) -> None:
+        """Until the transport takes writes again."""
+        if self._writable is not None:
+            await self._writable.wait()
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self._transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        if not self.write_paused:
+            self.write_paused = True
+            if self._writable is None:
+                self._writable = asyncio.Event()
+            self._writable.clear()
+
+    def resume_writing(self) -> None:
+        if self.write_paused:
+            self.write_paused = False
+            if self._writable is not None:
+                self._writable.set()
 
 
 class SocketGate:
@@ -146,6 +190,10 @@ class Gated(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # No parser nor pipeline queue until a request has a slot (`_feed`): a connection whose first
+        # request waits its turn holds neither.
+        self.parser = None  # type: ignore[assignment]
+        self.pipeline = _NO_PIPELINE  # type: ignore[assignment]
         self._slot: SocketGate | None = None
         """The gate whose slot this connection holds."""
         self._held = b""
@@ -155,6 +203,10 @@ class Gated(HttpToolsProtocol):
         self._in_message = False
         self._last = False
         """Shut down while waiting: answered, then closed."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.flow = LeanFlow(transport)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if self._slot is not None or not self._between_requests():

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import functools
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -14,7 +14,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 from uuid import UUID, uuid4, uuid5
 
 import structlog
-from sqlalchemy import Exists, Insert, Table, bindparam, exists, func, or_, select
+from sqlalchemy import Exists, Insert, Table, bindparam, exists, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -312,7 +312,7 @@ async def create_training(uow: UnitOfWork, owner_id: UUID, body: TrainingCreate)
     """Create an INITIAL training over an existing model and existing clients."""
     session = uow.session
     clients = list(body.clients)
-    repeated = sorted({str(c) for c in clients if clients.count(c) > 1})
+    repeated = sorted(str(c) for c, n in Counter(clients).items() if n > 1)
     if repeated:
         raise ValidationError(f"clients listed more than once: {', '.join(repeated)}")
     min_clients = len(clients) if body.min_clients is None else body.min_clients
@@ -357,8 +357,11 @@ async def create_training(uow: UnitOfWork, owner_id: UUID, body: TrainingCreate)
     session.add(training)
     # No ORM relationship orders these inserts, and the participants' foreign key needs the training.
     await session.flush()
-    session.add_all(Participant(training_id=training.id, client_id=c) for c in clients)
-    await session.flush()
+    # One Core executemany, not an ORM object per participant: at 1,000 clients those objects and
+    # their flush were ~2 MiB of the API's peak memory.
+    await session.execute(
+        insert(_PARTICIPANTS), [{"training_id": training.id, "client_id": c} for c in clients]
+    )
     log.info("training.created", training_id=str(training.id), clients=len(clients), rounds=body.rounds)
     return TrainingView(training, participants=sorted(clients, key=str), uploaded=[], tested=[])
 
@@ -596,6 +599,7 @@ class UpdateReceipt:
 
 
 _TRAINING = cast(Table, Training.__table__)
+_PARTICIPANTS = cast(Table, Participant.__table__)
 _REPORTED = select(*(_TRAINING.c[f.name] for f in dataclasses.fields(ReportedTraining))).where(
     _TRAINING.c.id == bindparam("training_id")
 )

@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from services.api.connections import GATED, Gated, Gates, SocketGate, gated_connections
+from services.api.connections import GATED, Gated, Gates, LeanFlow, SocketGate, gated_connections
 
 WAIT_S = 5.0
 
@@ -47,6 +47,8 @@ class App:
             if "/slow" in path:
                 await self.release.wait()
             answer = f"{path} {len(body)}".encode()
+            if path.startswith("/big/"):
+                answer = bytes(range(256)) * (int(path.removeprefix("/big/")) // 256)
             headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(answer)).encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": answer})
@@ -185,6 +187,69 @@ async def test_at_most_limit_requests_work_the_rest_wait_unread_in_arrival_order
     assert [p for p in served.app.started if p.startswith("/slow")] == [f"/slow/{i}" for i in range(5)]
     assert served.app.most_running <= 3  # two gated, and the probe
     await until(lambda: served.gate.waiting == 0 and served.idle() == 6)
+
+
+async def test_a_connection_waiting_for_its_first_turn_holds_no_parser(serve: Any) -> None:
+    served = await serve(limit=1)
+    first_reader, first_writer = await served.connect()
+    first_writer.write(request("/slow/0"))
+    await until(lambda: served.app.started == ["/slow/0"])
+    waiting = [await served.connect() for _ in range(3)]
+    for _, writer in waiting:
+        writer.write(request("/later", b"abc"))
+    await until(lambda: served.gate.waiting == 3)
+    assert served.parsers() == 1  # the admitted one's; the three new ones wait without
+    served.app.release.set()
+    assert (await answer(first_reader))[1] == b"/slow/0 0"
+    assert [(await answer(reader))[1] for reader, _ in waiting] == [b"/later 3"] * 3
+    await until(lambda: served.idle() == 4 and served.parsers() == 0)
+
+
+async def test_a_response_larger_than_the_socket_takes_waits_for_the_reader(serve: Any) -> None:
+    served = await serve()
+    reader, writer = await served.connect()
+    size = 16 * 1024 * 1024
+    writer.write(request(f"/big/{size}"))
+    (connection,) = served.server.server_state.connections
+    assert isinstance(connection.flow, LeanFlow)
+    # Not read: the transport's buffer fills and asks the response to wait.
+    await until(lambda: connection.flow.write_paused)
+    head, body = await answer(reader)
+    assert head.startswith(b"HTTP/1.1 200") and body == bytes(range(256)) * (size // 256)
+    await until(lambda: served.idle() == 1 and not connection.flow.write_paused)
+    # The connection serves its next request as before.
+    writer.write(request("/after", b"xy"))
+    assert (await answer(reader))[1] == b"/after 2"
+
+
+async def test_lean_flow_pauses_and_resumes_as_uvicorns() -> None:
+    class Transport:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def pause_reading(self) -> None:
+            self.calls.append("pause")
+
+        def resume_reading(self) -> None:
+            self.calls.append("resume")
+
+    transport = Transport()
+    flow = LeanFlow(transport)  # type: ignore[arg-type]
+    await asyncio.wait_for(flow.drain(), WAIT_S)  # writable: returns at once
+    flow.pause_reading()
+    flow.pause_reading()
+    flow.resume_reading()
+    flow.resume_reading()
+    assert transport.calls == ["pause", "resume"] and not flow.read_paused
+    flow.pause_writing()
+    assert flow.write_paused
+    drained = asyncio.create_task(flow.drain())
+    await asyncio.sleep(0.01)
+    assert not drained.done()
+    flow.resume_writing()
+    await asyncio.wait_for(drained, WAIT_S)
+    assert not flow.write_paused
+    await asyncio.wait_for(flow.drain(), WAIT_S)
 
 
 async def test_the_rest_of_a_body_its_answer_did_not_wait_for_is_not_taken_for_a_request(
