@@ -712,12 +712,56 @@ def warm_up_torch() -> None:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
+def machine_reference_s(repeats: int = 5) -> float:
+    """Seconds for a fixed piece of pure-Python work of the kind the services do (small objects,
+    dicts, JSON), the median of `repeats`: this machine's speed at the moment of a run, measured
+    in the same run. The same code has measured up to twice as slow on one day as on another, so a
+    round time means little without it."""
+    doc = {f"key-{i}": {"id": i, "name": str(i), "values": [i * 0.5, i * 0.25]} for i in range(100)}
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(60):
+            rows = [
+                ReferenceRow(k, v["id"], tuple(v["values"])) for k, v in json.loads(json.dumps(doc)).items()
+            ]
+            ordered = sorted(rows, key=lambda r: (r.values[1], r.name))
+            assert len({r.name: r for r in ordered}) == len(doc)
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times), 4)
+
+
+@dataclass(frozen=True)
+class ReferenceRow:
+    """One row of `machine_reference_s`'s work."""
+
+    name: str
+    id: int
+    values: tuple[float, ...]
+
+
+def local_round_s(recipe: DigitsRecipe, initial: dict[str, torch.Tensor], repeats: int = 3) -> float:
+    """Workload A's clients' own work in one round, without any server: each of the 8 fits round 1
+    and evaluates the result, one after the other in this process, the median of `repeats`. In the
+    bench their fits run in worker threads of one process (torch may overlap some of them on the
+    two cores), so this is about the clients' share of a round; the rest is fedhub's."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for client in range(len(recipe.shares)):
+            weights, _, _ = recipe.fit_fn(client)(initial, {"round": 1})
+            recipe.evaluate_fn(client)(weights, {})
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times), 4)
+
+
 async def run_workload_a(mode: str, rounds: int = 10, config: BenchConfig | None = None) -> dict[str, Any]:
     """Workload A in `mode`: 8 digits clients, `rounds` rounds with a test round after each."""
     config = config or BenchConfig()
     warm_up_torch()
     recipe = DigitsRecipe.create()
     initial = {k: v.detach().clone() for k, v in make_model(0).state_dict().items()}
+    local = local_round_s(recipe, initial)
     async with serve(mode, config) as (server, pids):
         leaf, rounds_json, actor = await _run_training(
             server,
@@ -738,6 +782,7 @@ async def run_workload_a(mode: str, rounds: int = 10, config: BenchConfig | None
         finally:
             await actor.aclose()
     leaf["accuracy"] = accuracy
+    leaf["local_round_s"] = local
     return leaf
 
 
@@ -791,6 +836,7 @@ async def run_bench(
             for key, run in runs:
                 label = f"{workload} {mode}" + (f" {key} clients" if key else "")
                 say(f"running {label} ...")
+                reference = machine_reference_s()
                 started = time.perf_counter()
                 try:
                     leaf = await asyncio.wait_for(run(), config.run_timeout_s)
@@ -799,6 +845,7 @@ async def run_bench(
                 except Exception as exc:
                     leaf = {"error": f"{type(exc).__name__}: {exc}"}
                 leaf["wall_s"] = round(time.perf_counter() - started, 2)
+                leaf["machine_ref_s"] = reference
                 say(f"{label}: median {leaf.get('round_s_median')} s/round, {leaf['wall_s']} s in all")
                 target = out.setdefault(workload, {})
                 if key is None:
@@ -852,12 +899,12 @@ def print_table(results: dict[str, Any]) -> None:
 
     table = Table(title="fedhub end-to-end round time", header_style="bold")
     columns = ["workload", "mode", "clients", "median s/round", "goal", "rounds (s)", "req/msg"]
-    columns.append("peak RSS MiB")
+    columns += ["peak RSS MiB", "machine ms"]
     for column in columns:
         table.add_column(column)
     for workload, mode, n, leaf in _rows(results):
         if "error" in leaf:
-            table.add_row(workload, mode, n, "failed", "", leaf["error"][:80], "", "")
+            table.add_row(workload, mode, n, "failed", "", leaf["error"][:80], "", "", _machine_text(leaf))
             continue
         goal = _round_goal(workload, mode, n)
         median = leaf["round_s_median"]
@@ -871,6 +918,7 @@ def print_table(results: dict[str, Any]) -> None:
             " ".join(f"{s:.3f}" for s in leaf["round_s"]),
             _per_client_round(leaf),
             _rss_text(mode, leaf["rss_mib"]),
+            _machine_text(leaf),
         )
     console = Console()
     console.print(table)
@@ -880,8 +928,17 @@ def print_table(results: dict[str, Any]) -> None:
     console.print(
         "embedded is the `fedhub serve` process (with --embedded-in-process: the bench process, clients "
         "included); `bench (clients)` is the simulated clients' process. req/msg: HTTP requests and "
-        "bus messages (deliveries to a consumer) per client and round."
+        "bus messages (deliveries to a consumer) per client and round. machine ms: this machine's "
+        "speed just before the run (`machine_reference_s`, lower is faster) and, for A, the clients' "
+        "own work in a round without a server (`local_round_s`)."
     )
+
+
+def _machine_text(leaf: dict[str, Any]) -> str:
+    text = f"ref {leaf['machine_ref_s'] * 1000:.0f}" if "machine_ref_s" in leaf else ""
+    if "local_round_s" in leaf:
+        text += f", local {leaf['local_round_s'] * 1000:.0f}"
+    return text
 
 
 def _per_client_round(leaf: dict[str, Any]) -> str:
@@ -937,19 +994,19 @@ def markdown_table(results: dict[str, Any]) -> str:
     """The same figures as a markdown table for the README."""
     lines = [
         "| workload | mode | clients | median s/round (goal) | rounds (s) | requests / bus messages "
-        "per client and round | peak RSS MiB (goal) |",
-        "|---|---|---|---|---|---|---|",
+        "per client and round | peak RSS MiB (goal) | machine ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for workload, mode, n, leaf in _rows(results):
         if "error" in leaf:
-            lines.append(f"| {workload} | {mode} | {n} | failed: {leaf['error'][:60]} | | | |")
+            lines.append(f"| {workload} | {mode} | {n} | failed: {leaf['error'][:60]} | | | | |")
             continue
         goal = _round_goal(workload, mode, n)
         median = f"{leaf['round_s_median']:.3f}" + (f" (≤ {goal})" if goal is not None else "")
         rounds = " ".join(f"{s:.3f}" for s in leaf["round_s"])
         lines.append(
             f"| {workload} | {mode} | {n} | {median} | {rounds} | {_per_client_round(leaf)} "
-            f"| {_rss_text(mode, leaf['rss_mib'])} |"
+            f"| {_rss_text(mode, leaf['rss_mib'])} | {_machine_text(leaf)} |"
         )
     return "\n".join(lines)
 

@@ -42,6 +42,8 @@ def _check_leaf(leaf: dict[str, Any], clients: int, rounds: int) -> None:
     # at least one message per round, at most one per client and round (but for a broker's redeliveries).
     assert leaf["messages_by_type"]["UpdatesReceived"] >= rounds
     assert leaf["messages_per_client_round"] > 0
+    # This machine's speed, measured just before the run (figures of different days compare by it).
+    assert 0 < leaf["machine_ref_s"] < leaf["wall_s"]
 
 
 def _check(results: dict[str, Any], mode: str) -> None:
@@ -53,6 +55,9 @@ def _check(results: dict[str, Any], mode: str) -> None:
     _check_leaf(a, 8, SMALL_ROUNDS_A)
     assert len(a["accuracy"]) == SMALL_ROUNDS_A + 1, "the initial model's accuracy, then one per round"
     assert a["accuracy"][-1] > a["accuracy"][0], f"the model did not learn: {a['accuracy']}"
+    # The clients' own work in a round, measured without the server.
+    assert a["local_round_s"] > 0
+    assert f"local {a['local_round_s'] * 1000:.0f}" in markdown_table(results)
     _check_leaf(results["B"][mode][str(SMALL_CLIENTS_B)], SMALL_CLIENTS_B, 5)
     assert mode in markdown_table(results)
 
