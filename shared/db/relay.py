@@ -22,6 +22,12 @@ HandedRow = tuple[int, Envelope]
 """An outbox row a unit of work committed: its id and the envelope it holds."""
 
 
+DELETE_AFTER_S = 0.05
+"""How long published hand-off rows wait to be deleted (SQLite): a round of workload A publishes a
+message every few milliseconds, each deletion a write transaction of its own on the one SQLite file.
+A crash in between leaves rows that the next start publishes again, and the inbox drops."""
+
+
 class OutboxRelay:
     """Moves outbox rows to the bus: handed over by each commit, polling as a fallback.
 
@@ -40,9 +46,16 @@ class OutboxRelay:
     """
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], bus: Bus, *, poll_s: float = 0.5, batch: int = 500
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        bus: Bus,
+        *,
+        poll_s: float = 0.5,
+        batch: int = 500,
+        delete_after_s: float = DELETE_AFTER_S,
     ) -> None:
         self._sessions = sessions
+        self._delete_after_s = delete_after_s
         self._bus = bus
         self._poll_s = poll_s
         self._batch = batch
@@ -119,7 +132,7 @@ class OutboxRelay:
         """Queue the deletion of published handed-over rows (SQLite)."""
         self._published.extend(rows)
         if self._deleter is None or self._deleter.done():
-            self._deleter = asyncio.create_task(self._delete_published(), name="outbox-delete")
+            self._deleter = asyncio.create_task(self._delete_later(), name="outbox-delete")
 
     def _ask_poll(self) -> None:
         self._poll_asked = True
@@ -202,6 +215,12 @@ class OutboxRelay:
                     await self._bus.publish(envelopes)
             self._reserved.difference_update(envelope.message_id for _, envelope in rows)
             return len(envelopes)
+
+    async def _delete_later(self) -> None:
+        """`_delete_published` after `delete_after_s`: the rows published meanwhile go in the same
+        statement, and the deletion waits until the round's next hops have had their turn."""
+        await asyncio.sleep(self._delete_after_s)
+        await self._delete_published()
 
     async def _delete_published(self, *, raising: bool = False) -> None:
         """Delete the rows published from the hand-off, in batches, until none are left."""

@@ -8,8 +8,10 @@ from typing import Protocol, Self, cast, runtime_checkable
 from uuid import UUID
 
 import structlog
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.sql.dml import ReturningInsert
 
 from shared.bus.base import Envelope, envelope_for
 from shared.db.models import InboxMessage, OutboxMessage
@@ -180,18 +182,27 @@ class UnitOfWork:
     async def claim_inbox(self, consumer: str, message_id: UUID) -> bool:
         """Record `message_id` as applied by `consumer`; False when it already was (a redelivery).
 
-        A concurrent duplicate that slips past the check fails the commit on the primary key, so
-        its transaction rolls back and the retry then sees the first one's row.
+        One statement, an insert that does nothing on the key's conflict: a row inserted now is a
+        first delivery. A concurrent duplicate's insert waits for the first one's transaction, then
+        finds its row (or, if it rolled back, inserts its own).
         """
-        seen = await self.session.scalar(
-            select(InboxMessage.message_id).where(
-                InboxMessage.consumer == consumer, InboxMessage.message_id == message_id
+        session = self.session
+        claim = _INBOX_CLAIMS.get(session.get_bind().dialect.name)
+        if claim is None:
+            raise NotImplementedError(
+                f"fedhub does not support the {session.get_bind().dialect.name} database"
             )
-        )
-        if seen is not None:
-            return False
-        self.session.add(InboxMessage(consumer=consumer, message_id=message_id))
-        return True
+        claimed = await session.scalar(claim, {"consumer": consumer, "message_id": message_id})
+        return claimed is not None
+
+
+_INBOX = cast(Table, InboxMessage.__table__)
+_INBOX_CLAIMS: dict[str, ReturningInsert[tuple[UUID]]] = {
+    name: dialect_insert(_INBOX).on_conflict_do_nothing().returning(_INBOX.c.message_id)
+    for name, dialect_insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
+"""An inbox row unless its key exists, returning its message id (nothing then), per dialect; built
+once (the select and the ORM flush it replaces cost two statements and the unit of work's flush)."""
 
 
 _OUTBOX = cast(Table, OutboxMessage.__table__)
