@@ -15,7 +15,6 @@ from uuid import UUID, uuid4, uuid5
 
 import structlog
 from sqlalchemy import Exists, Insert, Table, bindparam, exists, func, insert, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.cache import ApiCache, ModelFacts, ReportedTraining
@@ -42,6 +41,7 @@ from shared.codec import (
     encode_tensors,
     parse_tensor_map,
 )
+from shared.db.base import dialect_insert
 from shared.db.models import (
     ClientUpdate,
     Model,
@@ -996,14 +996,11 @@ def insert_if_open(dialect: str, entity: type[ClientUpdate | TestMetric]) -> Ins
         .with_for_update(read=True)
     )
     keys = ["training_id", "round", "client_id"]
-    insert: postgresql.Insert | sqlite.Insert
-    if dialect == "postgresql":
-        insert = postgresql.insert(table)
-    elif dialect == "sqlite":
-        insert = sqlite.insert(table)
-    else:
-        raise NotImplementedError(f"fedhub does not support the {dialect} database")
-    return insert.from_select([c.name for c in given], row).on_conflict_do_nothing(index_elements=keys)
+    return (
+        dialect_insert(dialect, table)
+        .from_select([c.name for c in given], row)
+        .on_conflict_do_nothing(index_elements=keys)
+    )
 
 
 def new_reports(uow: UnitOfWorkFactory) -> Reports:

@@ -9,11 +9,11 @@ from uuid import UUID
 
 import structlog
 from sqlalchemy import Table, insert
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.dml import ReturningInsert
 
 from shared.bus.base import Envelope, envelope_for
+from shared.db.base import dialect_insert
 from shared.db.models import InboxMessage, OutboxMessage
 from shared.events import Message
 
@@ -187,22 +187,23 @@ class UnitOfWork:
         finds its row (or, if it rolled back, inserts its own).
         """
         session = self.session
-        claim = _INBOX_CLAIMS.get(session.get_bind().dialect.name)
+        dialect = session.get_bind().dialect.name
+        claim = _INBOX_CLAIMS.get(dialect)
         if claim is None:
-            raise NotImplementedError(
-                f"fedhub does not support the {session.get_bind().dialect.name} database"
-            )
+            claim = _INBOX_CLAIMS[dialect] = _inbox_claim(dialect)
         claimed = await session.scalar(claim, {"consumer": consumer, "message_id": message_id})
         return claimed is not None
 
 
 _INBOX = cast(Table, InboxMessage.__table__)
-_INBOX_CLAIMS: dict[str, ReturningInsert[tuple[UUID]]] = {
-    name: dialect_insert(_INBOX).on_conflict_do_nothing().returning(_INBOX.c.message_id)
-    for name, dialect_insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
-}
-"""An inbox row unless its key exists, returning its message id (nothing then), per dialect; built
-once (the select and the ORM flush it replaces cost two statements and the unit of work's flush)."""
+_INBOX_CLAIMS: dict[str, ReturningInsert[tuple[UUID]]] = {}
+
+
+def _inbox_claim(dialect: str) -> ReturningInsert[tuple[UUID]]:
+    """An inbox row unless its key exists, returning its message id (nothing then); built once per
+    dialect (the select and the ORM flush it replaces cost two statements and the unit of work's
+    flush)."""
+    return dialect_insert(dialect, _INBOX).on_conflict_do_nothing().returning(_INBOX.c.message_id)
 
 
 _OUTBOX = cast(Table, OutboxMessage.__table__)

@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import cast
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import Table, func, inspect, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from shared.bus import Envelope
 from shared.codec import decode_message, encode_message
+from shared.db.base import dialect_insert
 from shared.db.models import InboxMessage, OutboxMessage, Principal
 from shared.enums import Role
 from shared.events import AggregationFailed, UpdateReceived
@@ -291,3 +294,11 @@ async def test_a_session_left_with_nothing_is_not_closed(runtime, monkeypatch):
     assert len(closed) == 2, "the insert's session and the load's still held their objects"
     assert inspect(added).detached and inspect(loaded).detached
     assert runtime.engine.pool.checkedout() == 0
+
+
+def test_dialect_insert_builds_each_dialects_own_and_names_an_unsupported_one() -> None:
+    table = cast(Table, InboxMessage.__table__)
+    assert isinstance(dialect_insert("postgresql", table), postgresql.Insert)
+    assert isinstance(dialect_insert("sqlite", table), sqlite.Insert)
+    with pytest.raises(NotImplementedError, match="mysql"):
+        dialect_insert("mysql", table)
