@@ -52,10 +52,8 @@ class OutboxRelay:
         *,
         poll_s: float = 0.5,
         batch: int = 500,
-        delete_after_s: float = DELETE_AFTER_S,
     ) -> None:
         self._sessions = sessions
-        self._delete_after_s = delete_after_s
         self._bus = bus
         self._poll_s = poll_s
         self._batch = batch
@@ -217,9 +215,9 @@ class OutboxRelay:
             return len(envelopes)
 
     async def _delete_later(self) -> None:
-        """`_delete_published` after `delete_after_s`: the rows published meanwhile go in the same
+        """`_delete_published` after `DELETE_AFTER_S`: the rows published meanwhile go in the same
         statement, and the deletion waits until the round's next hops have had their turn."""
-        await asyncio.sleep(self._delete_after_s)
+        await asyncio.sleep(DELETE_AFTER_S)
         await self._delete_published()
 
     async def _delete_published(self, *, raising: bool = False) -> None:
