@@ -3,6 +3,7 @@ complete and the digits model learns. Figures are never asserted: this machine's
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 from uuid import uuid4
@@ -14,10 +15,12 @@ from bench.e2e import (
     SMALL_CLIENTS_B,
     SMALL_ROUNDS_A,
     BenchConfig,
+    clients_heap_frozen,
     markdown_table,
     profile_text,
     run_bench,
 )
+from shared.runtime import GC_THRESHOLDS
 from tests import postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -44,6 +47,10 @@ def _check_leaf(leaf: dict[str, Any], clients: int, rounds: int) -> None:
     assert leaf["messages_per_client_round"] > 0
     # This machine's speed, measured just before the run (figures of different days compare by it).
     assert 0 < leaf["machine_ref_s"] < leaf["wall_s"]
+    # CPU over the training alone: within the run's, for the same processes.
+    assert leaf["training_cpu_s"].keys() == leaf["cpu_s"].keys()
+    for name, seconds in leaf["training_cpu_s"].items():
+        assert 0 < seconds <= leaf["cpu_s"][name]
 
 
 def _check(results: dict[str, Any], mode: str) -> None:
@@ -60,6 +67,21 @@ def _check(results: dict[str, Any], mode: str) -> None:
     assert f"local {a['local_round_s'] * 1000:.0f}" in markdown_table(results)
     _check_leaf(results["B"][mode][str(SMALL_CLIENTS_B)], SMALL_CLIENTS_B, 5)
     assert mode in markdown_table(results)
+
+
+def test_clients_heap_frozen_while_training_then_as_before() -> None:
+    """The simulated clients' heap is out of the collector's scans during a training only."""
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # Python's default, whatever ran in this process before
+    try:
+        kept = [[] for _ in range(100)]  # container objects alive when the training starts
+        with clients_heap_frozen():
+            assert gc.get_freeze_count() >= len(kept)
+            assert gc.get_threshold() == GC_THRESHOLDS, "young collections as rare as in fedhub's processes"
+        assert gc.get_freeze_count() == 0
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)
 
 
 async def _small(mode: str, config: BenchConfig) -> dict[str, Any]:
