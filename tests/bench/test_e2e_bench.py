@@ -47,6 +47,7 @@ def _check_leaf(leaf: dict[str, Any], clients: int, rounds: int) -> None:
     assert leaf["messages_per_client_round"] > 0
     # This machine's speed, measured just before the run (figures of different days compare by it).
     assert 0 < leaf["machine_ref_s"] < leaf["wall_s"]
+    assert leaf["machine_memory_ns"] > 0
     # CPU over the training alone: within the run's, for the same processes.
     assert leaf["training_cpu_s"].keys() == leaf["cpu_s"].keys()
     for name, seconds in leaf["training_cpu_s"].items():
@@ -65,6 +66,7 @@ def _check(results: dict[str, Any], mode: str) -> None:
     # The clients' own work in a round, measured without the server.
     assert a["local_round_s"] > 0
     assert f"local {a['local_round_s'] * 1000:.0f}" in markdown_table(results)
+    assert f"mem {a['machine_memory_ns']:.0f}" in markdown_table(results)
     _check_leaf(results["B"][mode][str(SMALL_CLIENTS_B)], SMALL_CLIENTS_B, 5)
     assert mode in markdown_table(results)
 
