@@ -51,7 +51,8 @@ def _check_leaf(leaf: dict[str, Any], clients: int, rounds: int) -> None:
     # CPU over the training alone: within the run's, for the same processes.
     assert leaf["training_cpu_s"].keys() == leaf["cpu_s"].keys()
     for name, seconds in leaf["training_cpu_s"].items():
-        assert 0 < seconds <= leaf["cpu_s"][name]
+        assert 0 <= seconds <= leaf["cpu_s"][name]  # an idle second aggregator may use under a tick
+    assert max(leaf["training_cpu_s"].values()) > 0
 
 
 def _check(results: dict[str, Any], mode: str) -> None:
