@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Protocol, Self, cast, runtime_checkable
@@ -187,18 +188,15 @@ class UnitOfWork:
         finds its row (or, if it rolled back, inserts its own).
         """
         session = self.session
-        dialect = session.get_bind().dialect.name
-        claim = _INBOX_CLAIMS.get(dialect)
-        if claim is None:
-            claim = _INBOX_CLAIMS[dialect] = _inbox_claim(dialect)
+        claim = _inbox_claim(session.get_bind().dialect.name)
         claimed = await session.scalar(claim, {"consumer": consumer, "message_id": message_id})
         return claimed is not None
 
 
 _INBOX = cast(Table, InboxMessage.__table__)
-_INBOX_CLAIMS: dict[str, ReturningInsert[tuple[UUID]]] = {}
 
 
+@functools.cache
 def _inbox_claim(dialect: str) -> ReturningInsert[tuple[UUID]]:
     """An inbox row unless its key exists, returning its message id (nothing then); built once per
     dialect (the select and the ORM flush it replaces cost two statements and the unit of work's
